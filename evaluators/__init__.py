@@ -1,0 +1,1 @@
+"""Evaluators: teacher top-k targets, sparse KL fitness, perplexity."""

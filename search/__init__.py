@@ -1,0 +1,1 @@
+"""Search: search space and budget, evolutionary search, checkpoint state, evaluator backends."""

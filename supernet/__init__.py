@@ -1,0 +1,1 @@
+"""Supernet: model-family adapters, local pruner, ladder, builder, variant store, realisation."""
