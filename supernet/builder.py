@@ -1,0 +1,191 @@
+"""Supernet builder (ALGORITHM §3-4): block by block, prune every gene at every level of its ladder.
+
+Streaming: memory holds the model, the current hidden states of the calibration sequences, and one gene's
+captured projection inputs and Hessian. Block l+1 sees the *expected* output of block l over its variants
+(expectation error accumulation); because the re-fitted projections are linear in their weights, this equals
+running the block once with the weighted average of the variant weights.
+
+Resume: a finished gene is read back from the store instead of rebuilt; its expected weight is computed from
+the stored tensors in both cases, so a resumed build is bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from supernet.families import ModelAdapter, find_rotary
+from supernet.ladder import Ladder
+from supernet.pruner import PrunerOptions, accumulate_hessian, prune_levels
+from supernet.store import SupernetStore
+from supernet.variant import Gene, Variant
+
+Chunks = list[torch.Tensor]  # hidden states or projection inputs, one (B, T, d) tensor per calibration batch
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything the builder needs besides model, tokens and store (all of it is in the fingerprint)."""
+
+    ladders: Sequence[Ladder]  # one per gene, in genes_of order
+    accumulation: str = "expectation"
+    attn_options: PrunerOptions = field(default_factory=PrunerOptions)
+    mlp_options: PrunerOptions = field(default_factory=lambda: PrunerOptions(num_rounds=16))
+    batch_size: int = 8
+    storage_dtype: torch.dtype | None = None  # None = the model's dtype
+
+
+@dataclass
+class BuildReport:
+    genes_built: int = 0
+    genes_reused: int = 0
+    seconds: float = 0.0
+    seconds_pruning: float = 0.0  # Hessian solves and mask selection (the rest is forward passes)
+
+
+def expectation_weights(sparsities: Sequence[float], mode: str, levels: Sequence[int]) -> list[float]:
+    """Weight of each variant in the propagated activations (ALGORITHM §4).
+
+    expectation: w_e ∝ 1 − S_e (density-weighted); uniform_mean: equal; center: level 0 only.
+    """
+    if mode == "expectation":
+        densities = [1.0 - s for s in sparsities]
+        total = sum(densities)
+        return [d / total for d in densities] if total > 0 else [0.0] * len(densities)
+    if mode == "uniform_mean":
+        return [1.0 / len(sparsities)] * len(sparsities)
+    if mode == "center":
+        return [1.0 if lv == 0 else 0.0 for lv in levels]
+    raise ValueError(f"no expectation weights for accumulation mode {mode!r}")
+
+
+def expected_weight(variants: Sequence[Variant], weights: Sequence[float], dense_shape: tuple[int, int],
+                    group_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Σ_e w_e · W_e with each compact W_e scattered back to the dense (d_out, d_in) layout."""
+    total = torch.zeros(dense_shape, dtype=torch.float32, device=device)
+    for variant, w in zip(variants, weights, strict=True):
+        if w == 0.0 or variant.kept.numel() == 0:
+            continue
+        cols = (variant.kept.to(device)[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
+        total[:, cols] += w * variant.weight.to(device=device, dtype=torch.float32)
+    return total.to(dtype)
+
+
+def build_supernet(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, plan: BuildPlan,
+                   store: SupernetStore, progress: bool = True) -> BuildReport:
+    """Build (or finish building) the supernet for `tokens` (N, T) into `store`."""
+    start = time.perf_counter()
+    report = BuildReport()
+    ladders = {(ld.gene.layer, ld.gene.kind): ld for ld in plan.ladders}
+    with torch.inference_mode():
+        hidden = _embed(model, tokens, plan.batch_size)
+        position_embeddings = find_rotary(model)(hidden[0][:1], _position_ids(tokens.shape[1], hidden[0].device))
+        mask = _causal_mask(model, tokens.shape[1], hidden[0])
+        bar = tqdm(range(adapter.num_layers), desc="supernet", unit="block", disable=not progress)
+        for i in bar:
+            layer = adapter.layer(i)
+
+            def attention(x: torch.Tensor, layer=layer) -> None:
+                layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings,
+                                attention_mask=mask)
+
+            def mlp(x: torch.Tensor, layer=layer) -> None:
+                layer.mlp(layer.post_attention_layernorm(x))
+
+            for kind, run_module in (("attn", attention), ("mlp", mlp)):
+                bar.set_postfix_str(f"block {i} {kind}")
+                hidden = _process_gene(adapter, ladders[(i, kind)], run_module, hidden, plan, store, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _process_gene(adapter: ModelAdapter, ladder: Ladder, run_module: Callable[[torch.Tensor], None],
+                  hidden: Chunks, plan: BuildPlan, store: SupernetStore, report: BuildReport) -> Chunks:
+    """Capture the gene's projection inputs, get its variants (built or stored), propagate the block."""
+    gene = ladder.gene
+    proj = adapter.output_proj(gene.layer, gene.kind)
+    inputs = _capture_inputs(proj, run_module, hidden)
+    if store.is_complete(gene) and store.verify_gene(gene):
+        variants = [store.variant(gene, level) for level in ladder.levels]
+        report.genes_reused += 1
+    else:
+        t0 = time.perf_counter()
+        variants = _build_gene(adapter, ladder, proj, inputs, plan, store)
+        report.seconds_pruning += time.perf_counter() - t0
+        report.genes_built += 1
+    weight = _propagation_weight(adapter, ladder, proj, variants, plan.accumulation)
+    return [h + F.linear(x, weight, proj.bias) for h, x in zip(hidden, inputs, strict=True)]
+
+
+def _build_gene(adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, inputs: Chunks, plan: BuildPlan,
+                store: SupernetStore) -> list[Variant]:
+    gene = ladder.gene
+    hessian = None
+    for x in inputs:
+        hessian = accumulate_hessian(hessian, x)  # (d_in, d_in) fp32
+    options = plan.attn_options if gene.kind == "attn" else plan.mlp_options
+    group_size = adapter.group_size(gene.kind)
+    removed = [ladder.removed(level) for level in ladder.levels]
+    results = prune_levels(hessian, proj.weight.T, group_size, removed, options)
+    dtype = plan.storage_dtype or proj.weight.dtype
+    variants = [
+        Variant(gene, level, ladder.sparsity(level), kept.cpu().to(torch.int64),
+                w_kept.T.contiguous().to(device="cpu", dtype=dtype), key="")
+        for level, (kept, w_kept) in zip(ladder.levels, results, strict=True)
+    ]
+    params = [adapter.module_params(gene.kind, v.kept.tolist()) for v in variants]
+    store.write_gene(ladder, group_size, variants, params)
+    return variants
+
+
+def _propagation_weight(adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, variants: Sequence[Variant],
+                        mode: str) -> torch.Tensor:
+    """The output-projection weight whose output is propagated to the next module."""
+    if mode == "none":  # dense activations: the official code's behaviour (ALGORITHM §4 pitfall)
+        return proj.weight
+    sparsities = [v.sparsity for v in variants]
+    weights = expectation_weights(sparsities, mode, ladder.levels)
+    return expected_weight(variants, weights, tuple(proj.weight.shape), adapter.group_size(ladder.gene.kind),
+                           proj.weight.dtype, proj.weight.device)
+
+
+def _capture_inputs(proj: nn.Linear, run_module: Callable[[torch.Tensor], None], hidden: Chunks) -> Chunks:
+    """Inputs of `proj` while running its module on every chunk of hidden states."""
+    captured: Chunks = []
+    handle = proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
+    try:
+        for h in hidden:
+            run_module(h)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _embed(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> Chunks:
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    return [embedding(tokens[i : i + batch_size].to(device)) for i in range(0, tokens.shape[0], batch_size)]
+
+
+def _position_ids(seq_len: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(seq_len, device=device)[None]  # (1, T); broadcast over the batch
+
+
+def _causal_mask(model: nn.Module, seq_len: int, like: torch.Tensor) -> torch.Tensor | None:
+    """None lets SDPA/flash kernels apply causality; eager attention needs an explicit additive mask."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "sdpa" or "flash" in impl:
+        return None
+    blocked = torch.ones(seq_len, seq_len, dtype=torch.bool, device=like.device).triu(1)
+    mask = torch.zeros(seq_len, seq_len, dtype=like.dtype, device=like.device)
+    return mask.masked_fill(blocked, torch.finfo(like.dtype).min)[None, None]
+
+
+def planned_genes(ladders: Sequence[Ladder]) -> list[Gene]:
+    return [ld.gene for ld in ladders]

@@ -1,0 +1,213 @@
+"""Typed run configuration: YAML file + `--set key=value` overrides, unknown keys rejected.
+
+One dataclass per stage, nested in `RunConfig`. The resolved config is written to `RUN/config.yaml` and is the
+run's identity: its hash goes into every fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tyr.errors import TyrError
+
+Accumulation = Literal["expectation", "uniform_mean", "center", "none"]
+ACCUMULATION_MODES = ("expectation", "uniform_mean", "center", "none")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # local HF folder, hub id, or the built-in alias smollm2-135m
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto = cuda if available, else cpu
+    num_layers: int | None = None  # keep only the first N blocks (quick checks and smoke tests); None = all
+
+
+@dataclass
+class DataConfig:
+    calibration: str = (
+        "lee-background"  # built-in alias, local file/folder (txt/json/jsonl/parquet), or hub dataset
+    )
+    calibration_config: str | None = None  # hub dataset config name (e.g. wikitext-2-raw-v1)
+    calibration_split: str = "train"
+    eval: str = "lee"  # held-out evaluation data, same forms as `calibration`
+    eval_config: str | None = None
+    eval_split: str = "test"
+    text_field: str = "text"
+    num_sequences: int = 64  # calibration sequences
+    seq_len: int = 512
+    num_eval_sequences: int | None = None  # None = every full window of the eval data
+
+
+@dataclass
+class SupernetConfig:
+    num_levels: int = 9  # ladder size per gene (odd: centre ± (num_levels-1)/2 steps)
+    attn_step: float = 0.125  # step as a fraction of the module's units in iteration 1 (halved per iteration)
+    mlp_step: float = 0.125
+    min_attn_step: int = 1  # step clamps, in units
+    min_mlp_step: int = 32
+    channel_multiple: int = 32  # MLP channel counts are rounded to this multiple
+    accumulation: Accumulation = "expectation"
+    damp: float = 0.01
+    use_hessian: bool = True  # ablation switches of the local pruner (paper Table 7)
+    use_first_order: bool = True
+    attn_rounds: int | None = None  # None = one head per round (paper)
+    mlp_rounds: int | None = 16  # official code: channels in 16 equal rounds
+    batch_size: int = 8  # sequences per forward chunk while capturing activations
+    storage_dtype: str = "auto"  # dtype of stored variants; auto = the model's dtype
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    sparsity: float = 0.5  # target fraction of prunable units removed per module type
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Checks that need no model: ranges and enumerations. Raises TyrError."""
+        if not (0.0 <= self.sparsity < 1.0):
+            raise TyrError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        sn = self.supernet
+        if sn.num_levels < 1 or sn.num_levels % 2 == 0:
+            raise TyrError(f"supernet.num_levels must be a positive odd number, got {sn.num_levels}")
+        if sn.accumulation not in ACCUMULATION_MODES:
+            raise TyrError(f"supernet.accumulation must be one of {', '.join(ACCUMULATION_MODES)}")
+        for name in ("attn_step", "mlp_step"):
+            if not (0.0 < getattr(sn, name) <= 1.0):
+                raise TyrError(f"supernet.{name} must be in (0, 1], got {getattr(sn, name)}")
+        for name in ("min_attn_step", "min_mlp_step", "channel_multiple", "batch_size"):
+            if getattr(sn, name) < 1:
+                raise TyrError(f"supernet.{name} must be >= 1, got {getattr(sn, name)}")
+        if sn.damp < 0 or not math.isfinite(sn.damp):
+            raise TyrError(f"supernet.damp must be >= 0, got {sn.damp}")
+        if self.data.num_sequences < 1 or self.data.seq_len < 2:
+            raise TyrError("data.num_sequences must be >= 1 and data.seq_len >= 2")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise TyrError(
+            f"config section '{where or 'top level'}' must be a mapping, got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise TyrError(
+            f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}; "
+            f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except TyrError as e:
+                errors.append(str(e))
+        raise TyrError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise TyrError(
+                f"{where} must be one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}"
+            )
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TyrError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
+        raise TyrError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TyrError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TyrError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise TyrError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` strings (values parsed as YAML scalars) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise TyrError(f"--set expects key=value, got {item!r}")
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_config(cls: type, path: str | None, overrides: list[str], base: dict | None = None) -> Any:
+    """YAML file (optional) → overrides → typed, validated config of class `cls`."""
+    data = dict(base or {})
+    if path:
+        data = _deep_merge(data, load_yaml(path))
+    data = apply_overrides(data, overrides)
+    cfg = from_dict(cls, data)
+    cfg.validate()
+    return cfg
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,144 @@
+"""Calibration and evaluation tokens: resolve `--data`, tokenise, cut into fixed-length sequences.
+
+Documents are tokenised without special tokens and joined with the EOS token into one stream, which is cut
+into non-overlapping windows of `seq_len`. Calibration takes a seeded random subset of the windows;
+evaluation takes the windows in order. Both are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tyr.errors import TyrError
+
+# Built-in offline corpora: ABC news articles shipped as test data inside the gensim wheel.
+BUILTIN_CORPORA = {"lee-background": "lee_background.cor", "lee": "lee.cor"}
+_LOADERS = {
+    ".txt": "text",
+    ".cor": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where text comes from: a built-in alias, local files, or a `datasets` hub name."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+
+def builtin_corpus_path(alias: str) -> Path:
+    spec = importlib.util.find_spec("gensim")  # located, not imported (importing gensim is slow)
+    if spec is None or not spec.submodule_search_locations:
+        raise TyrError(
+            f"the built-in corpus '{alias}' needs the package gensim: pip install --no-deps gensim==4.4.0"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / BUILTIN_CORPORA[alias]
+    if not path.is_file():
+        raise TyrError(f"built-in corpus file {path} is missing; reinstall gensim==4.4.0")
+    return path
+
+
+def load_texts(source: TextSource) -> list[str]:
+    """Return the non-empty documents of a source, in a stable order."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.name in BUILTIN_CORPORA:
+        files, loader = [str(builtin_corpus_path(source.name))], "text"
+        split = "train"
+    else:
+        path = Path(source.name).expanduser()
+        if path.exists():
+            files, loader = _local_files(path)
+            split = "train"
+        elif source.name.startswith((".", "/", "~")) or os.sep in source.name and source.name.count("/") > 1:
+            raise TyrError(f"data path {source.name!r} does not exist")
+        else:
+            files, loader, split = None, None, source.split
+    try:
+        if files is not None:
+            kwargs = {"encoding_errors": "replace"} if loader == "text" else {}
+            ds = datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
+        else:
+            ds = datasets.load_dataset(source.name, source.config, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise TyrError(f"cannot load data {source.name!r}: {str(e).splitlines()[0]}") from None
+    if source.text_field not in ds.column_names:
+        raise TyrError(
+            f"data {source.name!r} has no column {source.text_field!r} (columns: {', '.join(ds.column_names)}); "
+            "set data.text_field"
+        )
+    texts = [t for t in ds[source.text_field] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise TyrError(f"data {source.name!r} holds no text")
+    return texts
+
+
+def _local_files(path: Path) -> tuple[list[str], str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [p for p in files if p.suffix.lower() in _LOADERS]
+    if not files:
+        raise TyrError(f"no data files in {path} (supported: {', '.join(sorted(_LOADERS))})")
+    loaders = {_LOADERS[p.suffix.lower()] for p in files}
+    if len(loaders) > 1:
+        raise TyrError(
+            f"{path} mixes file types ({', '.join(sorted(loaders))}); use one type per data folder"
+        )
+    empty = [p for p in files if p.stat().st_size == 0]
+    if len(empty) == len(files):
+        raise TyrError(f"data {path} is empty")
+    return [str(p) for p in files], loaders.pop()
+
+
+def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """Concatenate documents (no special tokens) separated by EOS into one int64 stream."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if sep is not None:
+            ids.append(sep)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows (num_windows, seq_len); the incomplete tail is dropped."""
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def calibration_tokens(
+    source: TextSource, tokenizer, num_sequences: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    """A seeded random subset of the corpus windows, (num_sequences, seq_len)."""
+    all_windows = windows(token_stream(load_texts(source), tokenizer), seq_len)
+    if all_windows.shape[0] < num_sequences:
+        raise TyrError(
+            f"data {source.name!r} has {all_windows.shape[0]} windows of {seq_len} tokens, "
+            f"but {num_sequences} calibration sequences were asked for; lower data.num_sequences or data.seq_len"
+        )
+    order = np.random.default_rng(seed).permutation(all_windows.shape[0])[:num_sequences]
+    return all_windows[torch.from_numpy(np.sort(order))].clone()
+
+
+def evaluation_tokens(
+    source: TextSource, tokenizer, seq_len: int, num_sequences: int | None = None
+) -> torch.Tensor:
+    """Consecutive windows from the start of the corpus, (n, seq_len)."""
+    all_windows = windows(token_stream(load_texts(source), tokenizer), seq_len)
+    if all_windows.shape[0] == 0:
+        raise TyrError(f"data {source.name!r} is shorter than one sequence of {seq_len} tokens")
+    return all_windows[:num_sequences].clone() if num_sequences else all_windows.clone()

