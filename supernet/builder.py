@@ -65,35 +65,54 @@ def expectation_weights(sparsities: Sequence[float], mode: str, levels: Sequence
     raise ValueError(f"no expectation weights for accumulation mode {mode!r}")
 
 
-def expected_weight(variants: Sequence[Variant], weights: Sequence[float], dense_shape: tuple[int, int],
-                    group_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def expected_weight(
+    variants: Sequence[Variant],
+    weights: Sequence[float],
+    dense_shape: tuple[int, int],
+    group_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     """Σ_e w_e · W_e with each compact W_e scattered back to the dense (d_out, d_in) layout."""
     total = torch.zeros(dense_shape, dtype=torch.float32, device=device)
     for variant, w in zip(variants, weights, strict=True):
         if w == 0.0 or variant.kept.numel() == 0:
             continue
-        cols = (variant.kept.to(device)[:, None] * group_size + torch.arange(group_size, device=device)).flatten()
+        cols = (
+            variant.kept.to(device)[:, None] * group_size + torch.arange(group_size, device=device)
+        ).flatten()
         total[:, cols] += w * variant.weight.to(device=device, dtype=torch.float32)
     return total.to(dtype)
 
 
-def build_supernet(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, plan: BuildPlan,
-                   store: SupernetStore, progress: bool = True) -> BuildReport:
+def build_supernet(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    tokens: torch.Tensor,
+    plan: BuildPlan,
+    store: SupernetStore,
+    progress: bool = True,
+) -> BuildReport:
     """Build (or finish building) the supernet for `tokens` (N, T) into `store`."""
     start = time.perf_counter()
     report = BuildReport()
     ladders = {(ld.gene.layer, ld.gene.kind): ld for ld in plan.ladders}
     with torch.inference_mode():
         hidden = _embed(model, tokens, plan.batch_size)
-        position_embeddings = find_rotary(model)(hidden[0][:1], _position_ids(tokens.shape[1], hidden[0].device))
+        position_embeddings = find_rotary(model)(
+            hidden[0][:1], _position_ids(tokens.shape[1], hidden[0].device)
+        )
         mask = _causal_mask(model, tokens.shape[1], hidden[0])
         bar = tqdm(range(adapter.num_layers), desc="supernet", unit="block", disable=not progress)
         for i in bar:
             layer = adapter.layer(i)
 
             def attention(x: torch.Tensor, layer=layer) -> None:
-                layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=position_embeddings,
-                                attention_mask=mask)
+                layer.self_attn(
+                    hidden_states=layer.input_layernorm(x),
+                    position_embeddings=position_embeddings,
+                    attention_mask=mask,
+                )
 
             def mlp(x: torch.Tensor, layer=layer) -> None:
                 layer.mlp(layer.post_attention_layernorm(x))
@@ -105,8 +124,15 @@ def build_supernet(model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor
     return report
 
 
-def _process_gene(adapter: ModelAdapter, ladder: Ladder, run_module: Callable[[torch.Tensor], None],
-                  hidden: Chunks, plan: BuildPlan, store: SupernetStore, report: BuildReport) -> Chunks:
+def _process_gene(
+    adapter: ModelAdapter,
+    ladder: Ladder,
+    run_module: Callable[[torch.Tensor], None],
+    hidden: Chunks,
+    plan: BuildPlan,
+    store: SupernetStore,
+    report: BuildReport,
+) -> Chunks:
     """Capture the gene's projection inputs, get its variants (built or stored), propagate the block."""
     gene = ladder.gene
     proj = adapter.output_proj(gene.layer, gene.kind)
@@ -123,8 +149,14 @@ def _process_gene(adapter: ModelAdapter, ladder: Ladder, run_module: Callable[[t
     return [h + F.linear(x, weight, proj.bias) for h, x in zip(hidden, inputs, strict=True)]
 
 
-def _build_gene(adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, inputs: Chunks, plan: BuildPlan,
-                store: SupernetStore) -> list[Variant]:
+def _build_gene(
+    adapter: ModelAdapter,
+    ladder: Ladder,
+    proj: nn.Linear,
+    inputs: Chunks,
+    plan: BuildPlan,
+    store: SupernetStore,
+) -> list[Variant]:
     gene = ladder.gene
     hessian = None
     for x in inputs:
@@ -135,8 +167,14 @@ def _build_gene(adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, inputs: 
     results = prune_levels(hessian, proj.weight.T, group_size, removed, options)
     dtype = plan.storage_dtype or proj.weight.dtype
     variants = [
-        Variant(gene, level, ladder.sparsity(level), kept.cpu().to(torch.int64),
-                w_kept.T.contiguous().to(device="cpu", dtype=dtype), key="")
+        Variant(
+            gene,
+            level,
+            ladder.sparsity(level),
+            kept.cpu().to(torch.int64),
+            w_kept.T.contiguous().to(device="cpu", dtype=dtype),
+            key="",
+        )
         for level, (kept, w_kept) in zip(ladder.levels, results, strict=True)
     ]
     params = [adapter.module_params(gene.kind, v.kept.tolist()) for v in variants]
@@ -144,15 +182,22 @@ def _build_gene(adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, inputs: 
     return variants
 
 
-def _propagation_weight(adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, variants: Sequence[Variant],
-                        mode: str) -> torch.Tensor:
+def _propagation_weight(
+    adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, variants: Sequence[Variant], mode: str
+) -> torch.Tensor:
     """The output-projection weight whose output is propagated to the next module."""
     if mode == "none":  # dense activations: the official code's behaviour (ALGORITHM §4 pitfall)
         return proj.weight
     sparsities = [v.sparsity for v in variants]
     weights = expectation_weights(sparsities, mode, ladder.levels)
-    return expected_weight(variants, weights, tuple(proj.weight.shape), adapter.group_size(ladder.gene.kind),
-                           proj.weight.dtype, proj.weight.device)
+    return expected_weight(
+        variants,
+        weights,
+        tuple(proj.weight.shape),
+        adapter.group_size(ladder.gene.kind),
+        proj.weight.dtype,
+        proj.weight.device,
+    )
 
 
 def _capture_inputs(proj: nn.Linear, run_module: Callable[[torch.Tensor], None], hidden: Chunks) -> Chunks:

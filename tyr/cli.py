@@ -12,29 +12,49 @@ from pathlib import Path
 from tyr.config import RunConfig, resolve_config
 from tyr.errors import TyrError
 
-_FLAG_KEYS = {"model": "model.name", "data": "data.calibration", "eval_data": "data.eval",
-              "sparsity": "sparsity", "seed": "seed", "device": "model.device", "dtype": "model.dtype"}
+_FLAG_KEYS = {
+    "model": "model.name",
+    "data": "data.calibration",
+    "eval_data": "data.eval",
+    "sparsity": "sparsity",
+    "seed": "seed",
+    "device": "model.device",
+    "dtype": "model.dtype",
+}
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (optional; flags and --set override it)")
     p.add_argument("--model", help="local HF folder, hub id, or built-in alias smollm2-135m")
-    p.add_argument("--data", help="calibration data: lee-background, a local file/folder, or a datasets hub name")
+    p.add_argument(
+        "--data", help="calibration data: lee-background, a local file/folder, or a datasets hub name"
+    )
     p.add_argument("--eval-data", help="held-out data for perplexity (default: lee)")
     p.add_argument("--sparsity", type=float, help="fraction of prunable units to remove, in [0, 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set supernet.accumulation=none (repeatable)")
-    p.add_argument("--force", action="store_true", help="discard an existing run in --out that has another config")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set supernet.accumulation=none (repeatable)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="discard an existing run in --out that has another config"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = [f"{key}={getattr(args, flag)}" for flag, key in _FLAG_KEYS.items()
-                 if getattr(args, flag, None) is not None]
+    overrides = [
+        f"{key}={getattr(args, flag)}"
+        for flag, key in _FLAG_KEYS.items()
+        if getattr(args, flag, None) is not None
+    ]
     return resolve_config(RunConfig, args.config, overrides + args.overrides)
 
 
@@ -46,14 +66,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     run = pipeline.open_run_dir(args.out, cfg, args.force)
     session = pipeline.open_session(cfg, progress=not args.quiet)
     centres = pipeline.uniform_centres(session.adapter, cfg)
-    store, report = pipeline.build_iteration_supernet(session, run / "iter-1" / "supernet", centres, iteration=1,
-                                                      progress=not args.quiet)
+    store, report = pipeline.build_iteration_supernet(
+        session, run / "iter-1" / "supernet", centres, iteration=1, progress=not args.quiet
+    )
     print(pipeline.describe_supernet(session, store, report))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tyr", description="Global structural pruning of LLMs (Týr-the-Pruner).")
+    parser = argparse.ArgumentParser(
+        prog="tyr", description="Global structural pruning of LLMs (Týr-the-Pruner)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the supernet (ladder of locally pruned variants per module)")
     _add_run_options(build)

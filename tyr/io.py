@@ -11,7 +11,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialise to the safetensors format with a deterministic header (sorted keys).
+
+    The `safetensors` package writes its JSON header from a hash map, so the same tensors can give different
+    bytes; resume checks compare files byte for byte, so we lay the (simple, documented) format out ourselves.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"unsupported dtype {t.dtype} for {name}")
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -57,10 +98,7 @@ def atomic_write_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> str:
     """Write tensors as safetensors atomically; returns the sha256 of the written bytes."""
-    data = safetensors_bytes(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        metadata=dict(metadata) if metadata else None,
-    )
+    data = safetensors_bytes(tensors, metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 

@@ -203,8 +203,10 @@ def describe_supernet(session: Session, store: SupernetStore, report: BuildRepor
     for kind, unit in (("attn", "heads"), ("mlp", "channels")):
         ladder = store.ladder(genes_of(adapter.num_layers)[0 if kind == "attn" else 1])
         kept = [ladder.num_units - ladder.removed(lv) for lv in ladder.levels]
-        lines.append(f"  {kind}: {len(ladder.levels)} levels, step {ladder.step} {unit}; "
-                     f"block 0 keeps {kept} of {ladder.num_units} {unit}")
+        lines.append(
+            f"  {kind}: {len(ladder.levels)} levels, step {ladder.step} {unit}; "
+            f"block 0 keeps {kept} of {ladder.num_units} {unit}"
+        )
     size = sum(p.stat().st_size for p in Path(store.directory).rglob("*.safetensors"))
     lines.append(f"  variants on disk: {size / 2**20:.1f} MiB")
     return "\n".join(lines)
