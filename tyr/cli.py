@@ -14,6 +14,7 @@ from tyr.errors import TyrError
 
 _FLAG_KEYS = {
     "model": "model.name",
+    "schedule": "schedule",
     "data": "data.calibration",
     "eval_data": "data.eval",
     "sparsity": "sparsity",
@@ -55,7 +56,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         for flag, key in _FLAG_KEYS.items()
         if getattr(args, flag, None) is not None
     ]
-    return resolve_config(RunConfig, args.config, overrides + args.overrides)
+    return resolve_config(args.config, overrides + args.overrides)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -73,6 +74,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline; re-running the same command resumes."""
+    from tyr.run import run
+
+    cfg = _config_from_args(args)
+    run(cfg, args.out, force=args.force, progress=not args.quiet)
+    print(
+        f"[tyr] done: {Path(args.out) / 'final' / 'architecture.json'}, {Path(args.out) / 'final' / 'metrics.json'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tyr", description="Global structural pruning of LLMs (Týr-the-Pruner)."
@@ -81,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build the supernet (ladder of locally pruned variants per module)")
     _add_run_options(build)
     build.set_defaults(func=cmd_build)
+    run = sub.add_parser(
+        "run", help="whole pipeline: teacher, coarse-to-fine supernet + search, final metrics"
+    )
+    _add_run_options(run)
+    run.add_argument("--schedule", help="preset the config starts from: paper, cpu (default) or smoke")
+    run.set_defaults(func=cmd_run)
     return parser
 
 

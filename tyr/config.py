@@ -65,10 +65,30 @@ class SupernetConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Coarse-to-fine evolutionary search (ALGORITHM §5-6). Presets: see `tyr.schedules`."""
+
+    num_iterations: int = 2
+    generations: list[int] = field(default_factory=lambda: [6, 4])  # per iteration
+    num_offspring: int = 16
+    max_mutations: int = 4  # n = min(U{1..max}, U{1..max}) level switches per child
+    stages: list[list[int]] = field(
+        default_factory=lambda: [[4, 512], [2, 1024], [1, 4096]]
+    )  # [survivors, tokens]
+    budget: Literal["per_type", "joint"] = "per_type"
+    topk: int = 512  # teacher logits kept per token for the KL fitness
+    realisation: Literal["compact", "masked"] = "compact"
+    batch_size: int = 8  # sequences per forward pass during fitness evaluation
+    max_level_distance: int | None = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    schedule: str = "cpu"  # preset the other values start from: paper, cpu or smoke (see tyr/schedules.py)
     sparsity: float = 0.5  # target fraction of prunable units removed per module type
     seed: int = 0
 
@@ -91,6 +111,28 @@ class RunConfig:
             raise TyrError(f"supernet.damp must be >= 0, got {sn.damp}")
         if self.data.num_sequences < 1 or self.data.seq_len < 2:
             raise TyrError("data.num_sequences must be >= 1 and data.seq_len >= 2")
+        self._validate_search()
+
+    def _validate_search(self) -> None:
+        se = self.search
+        if se.num_iterations < 1:
+            raise TyrError(f"search.num_iterations must be >= 1, got {se.num_iterations}")
+        if len(se.generations) != se.num_iterations or any(g < 0 for g in se.generations):
+            raise TyrError(
+                f"search.generations must list {se.num_iterations} non-negative counts (one per iteration), "
+                f"got {se.generations}"
+            )
+        if any(len(st) != 2 for st in se.stages):
+            raise TyrError(f"search.stages must be a list of [survivors, tokens] pairs, got {se.stages}")
+        for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
+            if getattr(se, name) < 1:
+                raise TyrError(f"search.{name} must be >= 1, got {getattr(se, name)}")
+        tokens = self.data.num_sequences * self.data.seq_len
+        if se.stages and max(st[1] for st in se.stages) > tokens:
+            raise TyrError(
+                f"search.stages ask for up to {max(st[1] for st in se.stages)} tokens per stage but the calibration "
+                f"set has {tokens} (data.num_sequences x data.seq_len); lower the stage tokens or add data"
+            )
 
 
 def to_dict(cfg: Any) -> dict:
@@ -191,13 +233,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def resolve_config(cls: type, path: str | None, overrides: list[str], base: dict | None = None) -> Any:
-    """YAML file (optional) → overrides → typed, validated config of class `cls`."""
-    data = dict(base or {})
-    if path:
-        data = _deep_merge(data, load_yaml(path))
-    data = apply_overrides(data, overrides)
-    cfg = from_dict(cls, data)
+def resolve_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """Schedule preset → YAML file (optional) → `--set` overrides → typed, validated RunConfig."""
+    from tyr.schedules import preset
+
+    user = load_yaml(path) if path else {}
+    user = apply_overrides(user, overrides)
+    schedule = user.get("schedule", RunConfig.schedule)
+    data = _deep_merge(preset(schedule), user)
+    data["schedule"] = schedule
+    cfg = from_dict(RunConfig, data)
     cfg.validate()
     return cfg
 

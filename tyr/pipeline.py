@@ -210,3 +210,48 @@ def describe_supernet(session: Session, store: SupernetStore, report: BuildRepor
     size = sum(p.stat().st_size for p in Path(store.directory).rglob("*.safetensors"))
     lines.append(f"  variants on disk: {size / 2**20:.1f} MiB")
     return "\n".join(lines)
+
+
+def max_module_params(adapter: ModelAdapter, kind: str, num_kept: int) -> int:
+    """Most parameters a module with `num_kept` units can keep (attention: kept heads spread over KV groups)."""
+    if kind == "mlp":
+        return adapter.mlp_params(num_kept)
+    # Round-robin over KV groups keeps min(num_kept, num_kv_heads) KV heads: the most any choice can keep.
+    order = [g * adapter.group + j for j in range(adapter.group) for g in range(adapter.num_kv_heads)]
+    return adapter.attention_params(order[:num_kept])
+
+
+def architecture(session: Session, store: SupernetStore, genome: tuple[int, ...], target: float) -> dict:
+    """`architecture.json` (schema in DESIGN.md) for `genome` on `store`, with exact parameter counts."""
+    adapter = session.adapter
+    genes = genes_of(adapter.num_layers)
+    entries = [store.level_entry(g, lv) for g, lv in zip(genes, genome, strict=True)]
+    layers = []
+    for i in range(adapter.num_layers):
+        attn, mlp = entries[2 * i], entries[2 * i + 1]
+        layers.append(
+            {
+                "index": i,
+                "attention": {
+                    "kept_heads": list(attn.kept),
+                    "kept_kv_heads": adapter.kept_kv_heads(attn.kept),
+                },
+                "mlp": {"kept_channels_count": len(mlp.kept), "kept_channels": list(mlp.kept)},
+            }
+        )
+    dense = sum(p.numel() for p in session.model.parameters())
+    prunable_dense = adapter.dense_prunable_params()
+    prunable_pruned = sum(e.params for e in entries)
+    return {
+        "base_model": session.resolved.source,
+        "model_type": adapter.model_type,
+        "target_sparsity": target,
+        "achieved_sparsity": 1.0 - prunable_pruned / prunable_dense,
+        "params": {
+            "dense": dense,
+            "pruned": dense - prunable_dense + prunable_pruned,
+            "prunable_dense": prunable_dense,
+            "prunable_pruned": prunable_pruned,
+        },
+        "layers": layers,
+    }

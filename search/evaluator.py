@@ -1,0 +1,70 @@
+"""Fitness backends behind one protocol: `evaluate(genomes, sequence_indices) -> list[float]`.
+
+`SerialEvaluator` runs in-process on one model (the reference implementation: the Ray backend must give the
+same numbers). Fitness is the sparse top-K KL(dense ‖ candidate) on the selected calibration sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from evaluators.kl import sparse_kl_targets
+from evaluators.teacher import TeacherTargets
+from search.space import Genome
+from supernet.families import ModelAdapter
+from supernet.realise import Realiser
+from supernet.store import SupernetStore
+from supernet.variant import Variant, genes_of
+
+
+class SerialEvaluator:
+    """Evaluates candidates one after another on a single model, swapping only the genes that change."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: ModelAdapter,
+        store: SupernetStore,
+        targets: TeacherTargets,
+        tokens: torch.Tensor,
+        mode: str = "compact",
+        batch_size: int = 8,
+    ):
+        self.model = model
+        self.store = store
+        self.targets = targets
+        self.tokens = tokens  # (num_sequences, seq_len): the calibration set the targets belong to
+        self.batch_size = batch_size
+        self.genes = genes_of(adapter.num_layers)
+        self.realiser = Realiser(model, adapter, mode)
+        self.num_evaluations = 0
+
+    def variants(self, genome: Genome) -> list[Variant]:
+        return [self.store.variant(gene, level) for gene, level in zip(self.genes, genome, strict=True)]
+
+    def apply(self, genome: Genome) -> None:
+        """Realise `genome` on the model (only changed genes are swapped)."""
+        self.realiser.apply(self.variants(genome))
+
+    def __call__(self, genomes: Sequence[Genome], sequence_indices: np.ndarray) -> list[float]:
+        scores = []
+        for genome in genomes:
+            self.apply(genome)
+            scores.append(
+                sparse_kl_targets(
+                    self.model,
+                    self.tokens,
+                    self.targets,
+                    sequence_indices.tolist(),
+                    batch_size=self.batch_size,
+                )
+            )
+            self.num_evaluations += 1
+        return scores
+
+    def close(self) -> None:
+        """Give the model back in its dense form."""
+        self.realiser.restore_dense()

@@ -1,0 +1,278 @@
+"""`tyr run`: teacher targets → coarse-to-fine iterations (supernet + search) → final architecture + metrics.
+
+Every step is resumable: the teacher targets, each finished supernet gene, each search generation and each
+finished iteration are checkpointed in the run directory; re-running the same command continues from there
+and ends with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluators.kl import sparse_kl
+from evaluators.perplexity import perplexity
+from evaluators.teacher import TeacherTargets, compute_and_save_teacher_targets, compute_teacher_targets
+from search.evaluator import SerialEvaluator
+from search.evolution import EvolutionConfig, GenerationResult, Stage
+from search.space import Budget, GeneLadder, SearchSpace
+from search.state import evolve
+from supernet.store import SupernetStore
+from supernet.variant import genes_of
+from tyr import pipeline
+from tyr.config import RunConfig, dump_yaml
+from tyr.data import TextSource, evaluation_tokens
+from tyr.errors import TyrError
+from tyr.io import atomic_write_json, sha256_tensor, sha256_text
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    genome: tuple[int, ...]
+    fitness: float | None
+    centres: list[int]  # units removed per gene at the chosen levels (the next iteration's centres)
+
+
+def run(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+    """The whole pipeline; returns the final metrics (also written to RUN/final/metrics.json)."""
+    run_dir = pipeline.open_run_dir(out, cfg, force)
+    session = pipeline.open_session(cfg, progress=progress)
+    targets = ensure_teacher_targets(session, run_dir / "teacher", progress)
+    centres = pipeline.uniform_centres(session.adapter, cfg)
+    result = None
+    for iteration in range(1, cfg.search.num_iterations + 1):
+        result = run_iteration(session, targets, run_dir, iteration, centres, progress)
+        centres = result.centres
+    return finalise(session, run_dir, result, progress)
+
+
+def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress: bool) -> TeacherTargets:
+    """Dense top-K logits of the calibration set, computed once per run."""
+    tokens_sha = sha256_tensor(session.calibration)
+    if (directory / "meta.json").is_file():
+        targets = TeacherTargets.open(directory)
+        if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
+            return targets
+        raise TyrError(f"{directory} holds teacher targets for other data; delete it or use --force")
+    _log(
+        f"teacher: top-{session.cfg.search.topk} logits of {tuple(session.calibration.shape)} calibration tokens"
+    )
+    return compute_and_save_teacher_targets(
+        session.model,
+        session.calibration,
+        session.cfg.search.topk,
+        directory,
+        batch_size=session.cfg.search.batch_size,
+        meta={"tokens_sha256": tokens_sha},
+        progress=progress,
+    )
+
+
+def run_iteration(
+    session: pipeline.Session,
+    targets: TeacherTargets,
+    run_dir: Path,
+    iteration: int,
+    centres: list[int],
+    progress: bool,
+) -> IterationResult:
+    """Build the supernet around `centres` with this iteration's step, then search from its centre."""
+    it_dir = run_dir / f"iter-{iteration}"
+    result_path = it_dir / "result.json"
+    if result_path.is_file():
+        return _read_result(result_path)
+    _log(f"iteration {iteration}: building the supernet")
+    store, report = pipeline.build_iteration_supernet(
+        session, it_dir / "supernet", centres, iteration, progress=progress
+    )
+    _log(
+        f"iteration {iteration}: supernet ready ({report.genes_built} genes built, {report.genes_reused} reused, "
+        f"{report.seconds:.0f} s)"
+    )
+    space = search_space(session, store)
+    cfg = session.cfg
+    evaluator = SerialEvaluator(
+        session.model,
+        session.adapter,
+        store,
+        targets,
+        session.calibration,
+        mode=cfg.search.realisation,
+        batch_size=cfg.search.batch_size,
+    )
+    start = tuple(0 for _ in space.genes)
+    num_generations = cfg.search.generations[iteration - 1]
+    try:
+        state = evolve(
+            space,
+            evolution_config(cfg, num_generations),
+            evaluator,
+            start,
+            seed=cfg.seed + iteration,
+            state_path=it_dir / "search" / "state.json",
+            history_path=it_dir / "search" / "history.jsonl",
+            identity={
+                "config": sha256_text(dump_yaml(cfg)),
+                "supernet": store.fingerprint_hash,
+                "iteration": iteration,
+            },
+            num_sequences=targets.num_sequences,
+            seq_len=targets.seq_len,
+            on_generation=_generation_logger(iteration, num_generations),
+        )
+    finally:
+        evaluator.close()  # the next supernet is built from the dense model
+    genome = tuple(state.parent)
+    chosen = [
+        store.ladder(g).removed(lv)
+        for g, lv in zip(genes_of(session.adapter.num_layers), genome, strict=True)
+    ]
+    result = IterationResult(iteration, genome, state.parent_fitness, chosen)
+    atomic_write_json(
+        result_path,
+        {
+            "iteration": iteration,
+            "genome": list(genome),
+            "fitness": state.parent_fitness,
+            "centres": chosen,
+            "generations": state.generation,
+        },
+    )
+    return result
+
+
+def _read_result(path: Path) -> IterationResult:
+    try:
+        data = json.loads(path.read_text())
+        return IterationResult(
+            data["iteration"], tuple(data["genome"]), data["fitness"], list(data["centres"])
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise TyrError(f"{path} is corrupt ({e}); delete it to redo that iteration's search") from None
+
+
+def search_space(session: pipeline.Session, store: SupernetStore) -> SearchSpace:
+    """Genes with their levels and exact costs from the manifest; budget from the target (ALGORITHM §5)."""
+    ladders = []
+    for gene in genes_of(session.adapter.num_layers):
+        ladder = store.ladder(gene)
+        entries = {e.level: e for e in store.level_entries(gene)}
+        ladders.append(
+            GeneLadder(
+                gene=gene,
+                levels=ladder.levels,
+                units_kept=tuple(ladder.num_units - ladder.removed(lv) for lv in ladder.levels),
+                params_kept=tuple(entries[lv].params for lv in ladder.levels),
+            )
+        )
+    return SearchSpace(ladders, target_budget(session, ladders))
+
+
+def target_budget(session: pipeline.Session, ladders: list[GeneLadder]) -> Budget:
+    """Per type: the target's kept units per module type, held exactly (level switches within a type).
+
+    The parameter cap is the uniform target architecture's count with every KV head kept: any allocation with
+    the same unit counts keeps at most that many parameters, and `joint` mode may trade attention for MLP
+    under it.
+    """
+    adapter, cfg = session.adapter, session.cfg
+    centres = pipeline.uniform_centres(adapter, cfg)
+    units = {"attn": 0, "mlp": 0}
+    max_params = 0
+    for gene, removed in zip(genes_of(adapter.num_layers), centres, strict=True):
+        kept = adapter.num_units(gene.kind) - removed
+        units[gene.kind] += kept
+        max_params += pipeline.max_module_params(adapter, gene.kind, kept)
+    if cfg.search.budget == "joint":
+        return Budget("joint", max_params, None)
+    return Budget("per_type", max_params, units)
+
+
+def evolution_config(cfg: RunConfig, num_generations: int) -> EvolutionConfig:
+    se = cfg.search
+    evo = EvolutionConfig(
+        num_generations=max(num_generations, 1),
+        num_offspring=se.num_offspring,
+        stages=tuple(Stage(int(s), int(t)) for s, t in se.stages),
+        max_mutations=se.max_mutations,
+        max_level_distance=se.max_level_distance,
+    )
+    evo.validate()
+    if num_generations == 0:
+        evo = EvolutionConfig(0, evo.num_offspring, evo.stages, evo.max_mutations, evo.max_level_distance)
+    return evo
+
+
+def _generation_logger(iteration: int, total: int):
+    started = time.perf_counter()
+
+    def log(generation: int, result: GenerationResult, seconds: float) -> None:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / max(generation, 1) * (total - generation)  # generations done in this process
+        _log(
+            f"iter {iteration} gen {generation}/{total}: best KL {result.fitness:.5f}, "
+            f"{result.num_evaluations / seconds:.2f} eval/s, {result.num_tokens_evaluated / seconds:.0f} tok/s, "
+            f"{seconds:.1f} s/gen, ETA {eta / 60:.1f} min"
+        )
+
+    return log
+
+
+def finalise(session: pipeline.Session, run_dir: Path, result: IterationResult, progress: bool) -> dict:
+    """Re-apply the best genome, measure dense / uniform / searched, write final/ files."""
+    cfg = session.cfg
+    last = SupernetStore.open(run_dir / f"iter-{result.iteration}" / "supernet")
+    first = SupernetStore.open(run_dir / "iter-1" / "supernet")
+    architecture = pipeline.architecture(session, last, result.genome, cfg.sparsity)
+    atomic_write_json(run_dir / "final" / "architecture.json", architecture)
+
+    source = TextSource(cfg.data.eval, cfg.data.eval_config, cfg.data.eval_split, cfg.data.text_field)
+    eval_tokens = evaluation_tokens(source, session.tokenizer, cfg.data.seq_len, cfg.data.num_eval_sequences)
+    _log(
+        f"evaluating dense / uniform / searched on {tuple(eval_tokens.shape)} held-out tokens ({cfg.data.eval})"
+    )
+    bs = cfg.search.batch_size
+    values, indices = compute_teacher_targets(session.model, eval_tokens, cfg.search.topk, batch_size=bs)
+    metrics = {
+        "eval_data": cfg.data.eval,
+        "eval_tokens": int(eval_tokens.numel()),
+        "topk": cfg.search.topk,
+        "dense": {"ppl": perplexity(session.model, eval_tokens, batch_size=bs), "kl": 0.0},
+    }
+    uniform = tuple(0 for _ in genes_of(session.adapter.num_layers))
+    for name, store, genome in (("uniform", first, uniform), ("searched", last, result.genome)):
+        evaluator = SerialEvaluator(
+            session.model,
+            session.adapter,
+            store,
+            None,
+            eval_tokens,
+            mode=cfg.search.realisation,
+            batch_size=bs,
+        )
+        evaluator.apply(genome)  # the chosen genome is re-applied before any final number is computed
+        metrics[name] = {
+            "ppl": perplexity(session.model, eval_tokens, batch_size=bs),
+            "kl": sparse_kl(session.model, eval_tokens, values, indices, batch_size=bs),
+            "prunable_params": sum(
+                e.params
+                for e in (
+                    store.level_entry(g, lv) for g, lv in zip(genes_of(session.adapter.num_layers), genome)
+                )
+            ),
+        }
+        evaluator.close()
+    metrics["achieved_sparsity"] = architecture["achieved_sparsity"]
+    atomic_write_json(run_dir / "final" / "metrics.json", metrics)
+    _log(
+        f"perplexity on {cfg.data.eval}: dense {metrics['dense']['ppl']:.2f}, uniform {metrics['uniform']['ppl']:.2f}, "
+        f"searched {metrics['searched']['ppl']:.2f} (sparsity {architecture['achieved_sparsity']:.3f})"
+    )
+    return metrics
+
+
+def _log(message: str) -> None:
+    print(f"[tyr] {message}", flush=True)

@@ -1,0 +1,67 @@
+"""Schedule presets: named starting points for a run's config (YAML and --set override them).
+
+- paper: Týr-the-Pruner's published setting (4 iterations x 50 generations, 128 offspring, stages of
+  2,048 / 16,384 / 131,072 tokens, top-8192 KL, 4M calibration tokens at length 4096). GPU-days for 8B.
+- cpu:   a short schedule that runs SmolLM2-135M on a 2-core laptop in about ten minutes (the demo).
+- smoke: seconds on a tiny model; for tests and quick checks of a set-up.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from tyr.errors import TyrError
+
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "data": {"num_sequences": 1024, "seq_len": 4096},
+        "supernet": {"num_levels": 9, "attn_step": 0.125, "mlp_step": 0.125, "batch_size": 4},
+        "search": {
+            "num_iterations": 4,
+            "generations": [50, 50, 50, 50],
+            "num_offspring": 128,
+            "max_mutations": 4,
+            "stages": [[16, 2048], [4, 16384], [1, 131072]],
+            "topk": 8192,
+            "batch_size": 4,
+        },
+    },
+    "cpu": {
+        "data": {"num_sequences": 32, "seq_len": 512},
+        "supernet": {"num_levels": 9},
+        "search": {
+            "num_iterations": 2,
+            "generations": [6, 4],
+            "num_offspring": 16,
+            "max_mutations": 4,
+            "stages": [[4, 512], [2, 1024], [1, 4096]],
+            "topk": 512,
+            "batch_size": 8,
+        },
+    },
+    "smoke": {
+        "data": {"num_sequences": 8, "seq_len": 32},
+        "supernet": {
+            "num_levels": 5,
+            "min_mlp_step": 4,
+            "channel_multiple": 4,
+            "mlp_rounds": 4,
+            "batch_size": 4,
+        },
+        "search": {
+            "num_iterations": 2,
+            "generations": [3, 2],
+            "num_offspring": 6,
+            "max_mutations": 2,
+            "stages": [[3, 64], [1, 128]],
+            "topk": 16,
+            "batch_size": 4,
+        },
+    },
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise TyrError(f"unknown schedule {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
