@@ -79,6 +79,10 @@ def _config_difference(path: Path, cfg: RunConfig) -> str:
 
 def open_session(cfg: RunConfig, progress: bool = True) -> Session:
     """Resolve and load model, tokenizer and calibration tokens; check them against the config."""
+    if not progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     resolved = resolve_model(cfg.model.name)
