@@ -1,7 +1,7 @@
 """Calibration and evaluation tokens: resolve `--data`, tokenise, cut into fixed-length sequences.
 
-Documents are tokenised without special tokens and joined with the EOS token into one stream, which is cut
-into non-overlapping windows of `seq_len`. Calibration takes a seeded random subset of the windows;
+Documents are joined with newlines (as in a plain text file) and tokenised without special tokens into one
+stream, which is cut into non-overlapping windows of `seq_len`. Calibration takes a seeded random subset of the windows;
 evaluation takes the windows in order. Both are deterministic for a given seed.
 """
 
@@ -56,9 +56,10 @@ def load_texts(source: TextSource) -> list[str]:
     import datasets
 
     datasets.disable_progress_bars()
+    encoding = "utf-8"
     if source.name in BUILTIN_CORPORA:
         files, loader = [str(builtin_corpus_path(source.name))], "text"
-        split = "train"
+        split, encoding = "train", "latin-1"  # the gensim test corpora are ISO-8859-1
     else:
         path = Path(source.name).expanduser()
         if path.exists():
@@ -70,7 +71,7 @@ def load_texts(source: TextSource) -> list[str]:
             files, loader, split = None, None, source.split
     try:
         if files is not None:
-            kwargs = {"encoding_errors": "replace"} if loader == "text" else {}
+            kwargs = {"encoding": encoding, "encoding_errors": "replace"} if loader == "text" else {}
             ds = datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
         else:
             ds = datasets.load_dataset(source.name, source.config, split=split)
@@ -103,14 +104,15 @@ def _local_files(path: Path) -> tuple[list[str], str]:
     return [str(p) for p in files], loaders.pop()
 
 
-def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
-    """Concatenate documents (no special tokens) separated by EOS into one int64 stream."""
-    sep = tokenizer.eos_token_id
+def token_stream(texts: list[str], tokenizer, docs_per_chunk: int = 256) -> torch.Tensor:
+    """Tokenise the documents joined by newlines into one int64 stream (no special tokens).
+
+    Documents are tokenised in newline-joined chunks so that huge corpora need not become one string.
+    """
+    chunks = ["\n".join(texts[i : i + docs_per_chunk]) + "\n" for i in range(0, len(texts), docs_per_chunk)]
     ids: list[int] = []
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for encoded in tokenizer(chunks, add_special_tokens=False)["input_ids"]:
         ids.extend(encoded)
-        if sep is not None:
-            ids.append(sep)
     return torch.tensor(ids, dtype=torch.int64)
 
 

@@ -1,0 +1,81 @@
+"""Supernet build: expectation error accumulation modes (ALGORITHM §4) and build cost.
+
+For each mode, build the iteration-1 supernet for SmolLM2-135M at 50% on 64x512 tokens of lee-background,
+take the uniform structure (every gene at its centre level) and measure held-out perplexity on `lee`.
+Also reports the build time divided by one dense forward pass over the same calibration tokens.
+
+    python benchmarks/accumulation.py [--modes expectation,none] [--sparsity 0.5] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import eval_tokens, markdown_table, reference_config, timed, write_results
+from evaluators.perplexity import perplexity
+from search.evaluator import SerialEvaluator
+from supernet.variant import genes_of
+from tyr import pipeline
+
+
+def dense_forward_seconds(session) -> float:
+    """One forward pass of the dense model (without the LM head) over the calibration tokens."""
+    model, tokens, bs = session.model, session.calibration, session.cfg.supernet.batch_size
+
+    def forward() -> None:
+        with torch.inference_mode():
+            for i in range(0, tokens.shape[0], bs):
+                model.model(input_ids=tokens[i : i + bs], use_cache=False)
+
+    seconds, _ = timed(forward)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="expectation,uniform_mean,center,none")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--out", default=None, help="where to keep the supernets (default: a temp dir)")
+    args = parser.parse_args()
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="tyr-accumulation-"))
+    session = pipeline.open_session(reference_config(f"sparsity={args.sparsity}"), progress=False)
+    tokens = eval_tokens(session)
+    dense_ppl = perplexity(session.model, tokens)
+    forward_s = dense_forward_seconds(session)
+    print(f"dense: ppl {dense_ppl:.2f}; one dense forward over {tuple(session.calibration.shape)} tokens: "
+          f"{forward_s:.1f} s", flush=True)
+    rows, results = [], {"dense_ppl": dense_ppl, "dense_forward_s": forward_s, "sparsity": args.sparsity,
+                         "calibration": list(session.calibration.shape), "eval_tokens": int(tokens.numel()),
+                         "modes": {}}
+    for mode in args.modes.split(","):
+        session.cfg.supernet.accumulation = mode
+        centres = pipeline.uniform_centres(session.adapter, session.cfg)
+        t0 = time.perf_counter()
+        store, report = pipeline.build_iteration_supernet(session, work / mode, centres, iteration=1, progress=False)
+        build_s = time.perf_counter() - t0
+        evaluator = SerialEvaluator(session.model, session.adapter, store, None, session.calibration)
+        evaluator.apply(tuple(0 for _ in genes_of(session.adapter.num_layers)))
+        ppl = perplexity(session.model, tokens)
+        evaluator.close()
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        results["modes"][mode] = {"ppl": ppl, "build_s": build_s, "pruner_s": report.seconds_pruning,
+                                  "build_over_forward": build_s / forward_s, "peak_rss_gib": peak_gib}
+        rows.append([mode, ppl, build_s, build_s / forward_s, peak_gib])
+        print(f"{mode}: uniform-50% ppl {ppl:.2f}, build {build_s:.0f} s ({build_s / forward_s:.2f}x forward), "
+              f"peak RSS {peak_gib:.1f} GiB", flush=True)
+    table = markdown_table(["accumulation", "uniform ppl (lee)", "build s", "build / dense fwd", "peak RSS GiB"],
+                           [["dense", dense_ppl, "", "", ""], *rows])
+    print(table)
+    path = write_results("accumulation", results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
