@@ -200,15 +200,29 @@ def _propagation_weight(
     )
 
 
+class _InputCaptured(Exception):
+    """Raised by the capture hook: the projection is the module's last op, so its dense output is never needed."""
+
+
 def _capture_inputs(proj: nn.Linear, run_module: Callable[[torch.Tensor], None], hidden: Chunks) -> Chunks:
-    """Inputs of `proj` while running its module on every chunk of hidden states."""
+    """Inputs of `proj` while running its module on every chunk of hidden states (stops right before `proj`)."""
     captured: Chunks = []
-    handle = proj.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach())  # a fresh tensor: the forward is aborted right after
+        raise _InputCaptured
+
+    handle = proj.register_forward_pre_hook(hook)
     try:
         for h in hidden:
-            run_module(h)
+            try:
+                run_module(h)
+            except _InputCaptured:
+                pass
     finally:
         handle.remove()
+    if len(captured) != len(hidden):
+        raise RuntimeError(f"{type(proj).__name__} was not called by its module; unsupported module layout")
     return captured
 
 
