@@ -49,29 +49,52 @@ def main() -> None:
     tokens = eval_tokens(session)
     dense_ppl = perplexity(session.model, tokens)
     forward_s = dense_forward_seconds(session)
-    print(f"dense: ppl {dense_ppl:.2f}; one dense forward over {tuple(session.calibration.shape)} tokens: "
-          f"{forward_s:.1f} s", flush=True)
-    rows, results = [], {"dense_ppl": dense_ppl, "dense_forward_s": forward_s, "sparsity": args.sparsity,
-                         "calibration": list(session.calibration.shape), "eval_tokens": int(tokens.numel()),
-                         "modes": {}}
+    print(
+        f"dense: ppl {dense_ppl:.2f}; one dense forward over {tuple(session.calibration.shape)} tokens: "
+        f"{forward_s:.1f} s",
+        flush=True,
+    )
+    rows, results = (
+        [],
+        {
+            "dense_ppl": dense_ppl,
+            "dense_forward_s": forward_s,
+            "sparsity": args.sparsity,
+            "calibration": list(session.calibration.shape),
+            "eval_tokens": int(tokens.numel()),
+            "modes": {},
+        },
+    )
     for mode in args.modes.split(","):
         session.cfg.supernet.accumulation = mode
         centres = pipeline.uniform_centres(session.adapter, session.cfg)
         t0 = time.perf_counter()
-        store, report = pipeline.build_iteration_supernet(session, work / mode, centres, iteration=1, progress=False)
+        store, report = pipeline.build_iteration_supernet(
+            session, work / mode, centres, iteration=1, progress=False
+        )
         build_s = time.perf_counter() - t0
         evaluator = SerialEvaluator(session.model, session.adapter, store, None, session.calibration)
         evaluator.apply(tuple(0 for _ in genes_of(session.adapter.num_layers)))
         ppl = perplexity(session.model, tokens)
         evaluator.close()
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        results["modes"][mode] = {"ppl": ppl, "build_s": build_s, "pruner_s": report.seconds_pruning,
-                                  "build_over_forward": build_s / forward_s, "peak_rss_gib": peak_gib}
+        results["modes"][mode] = {
+            "ppl": ppl,
+            "build_s": build_s,
+            "pruner_s": report.seconds_pruning,
+            "build_over_forward": build_s / forward_s,
+            "peak_rss_gib": peak_gib,
+        }
         rows.append([mode, ppl, build_s, build_s / forward_s, peak_gib])
-        print(f"{mode}: uniform-50% ppl {ppl:.2f}, build {build_s:.0f} s ({build_s / forward_s:.2f}x forward), "
-              f"peak RSS {peak_gib:.1f} GiB", flush=True)
-    table = markdown_table(["accumulation", "uniform ppl (lee)", "build s", "build / dense fwd", "peak RSS GiB"],
-                           [["dense", dense_ppl, "", "", ""], *rows])
+        print(
+            f"{mode}: uniform-50% ppl {ppl:.2f}, build {build_s:.0f} s ({build_s / forward_s:.2f}x forward), "
+            f"peak RSS {peak_gib:.1f} GiB",
+            flush=True,
+        )
+    table = markdown_table(
+        ["accumulation", "uniform ppl (lee)", "build s", "build / dense fwd", "peak RSS GiB"],
+        [["dense", dense_ppl, "", "", ""], *rows],
+    )
     print(table)
     path = write_results("accumulation", results)
     print(f"wrote {path}")

@@ -18,8 +18,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # The issues' reference setting: SmolLM2-135M, 64x512 calibration tokens of lee-background, held-out `lee`
 # in non-overlapping 512-token windows.
-REFERENCE_OVERRIDES = ["model.name=smollm2-135m", "data.calibration=lee-background", "data.eval=lee",
-                       "data.num_sequences=64", "data.seq_len=512"]
+REFERENCE_OVERRIDES = [
+    "model.name=smollm2-135m",
+    "data.calibration=lee-background",
+    "data.eval=lee",
+    "data.num_sequences=64",
+    "data.seq_len=512",
+]
 
 
 def reference_config(*overrides: str) -> RunConfig:
@@ -50,7 +55,11 @@ def write_results(name: str, payload: dict) -> Path:
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     def fmt(v: object) -> str:
-        return f"{v:.3g}" if isinstance(v, float) and abs(v) < 1000 else (f"{v:.0f}" if isinstance(v, float) else str(v))
+        return (
+            f"{v:.3g}"
+            if isinstance(v, float) and abs(v) < 1000
+            else (f"{v:.0f}" if isinstance(v, float) else str(v))
+        )
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]

@@ -1,0 +1,102 @@
+"""Search quality on SmolLM2-135M: uniform vs one search iteration vs coarse-to-fine.
+
+Runs `tyr run` with the reference schedule of the issue (2 iterations of 10 + 5 generations, 16 offspring,
+selection stages of 512 / 2,048 / 8,192 tokens, 9 levels, top-512 KL, 64x512 calibration tokens of
+lee-background), then measures held-out perplexity and KL on `lee` for the uniform structure, the result of
+iteration 1 alone, and the final coarse-to-fine result. Also reports seconds per generation.
+
+    python benchmarks/search_quality.py [--sparsities 0.5,0.25] [--out DIR] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.common import eval_tokens, markdown_table, reference_config, write_results
+from evaluators.kl import sparse_kl
+from evaluators.perplexity import perplexity
+from evaluators.teacher import compute_teacher_targets
+from search.evaluator import SerialEvaluator
+from supernet.store import SupernetStore
+from tyr import pipeline
+from tyr.run import run
+
+REFERENCE_SCHEDULE = [
+    "search.num_iterations=2",
+    "search.generations=[10,5]",
+    "search.num_offspring=16",
+    "search.stages=[[4,512],[2,2048],[1,8192]]",
+    "search.topk=512",
+    "supernet.num_levels=9",
+]
+
+
+def measure(session, store: SupernetStore, genome, tokens, targets) -> dict:
+    evaluator = SerialEvaluator(session.model, session.adapter, store, None, tokens)
+    evaluator.apply(tuple(genome))
+    result = {"ppl": perplexity(session.model, tokens), "kl": sparse_kl(session.model, tokens, *targets)}
+    evaluator.close()
+    return result
+
+
+def one_sparsity(sparsity: float, out: Path, extra: list[str]) -> dict:
+    cfg = reference_config(f"sparsity={sparsity}", *REFERENCE_SCHEDULE, *extra)
+    run_dir = out / f"s{int(sparsity * 100)}"
+    final = run(cfg, run_dir, progress=False)
+    session = pipeline.open_session(cfg, progress=False)
+    tokens = eval_tokens(session)
+    targets = compute_teacher_targets(session.model, tokens, cfg.search.topk)
+    iter1 = json.loads((run_dir / "iter-1" / "result.json").read_text())
+    one_iteration = measure(
+        session, SupernetStore.open(run_dir / "iter-1" / "supernet"), iter1["genome"], tokens, targets
+    )
+    seconds = [
+        json.loads(line)["seconds"]
+        for i in (1, 2)
+        for line in (run_dir / f"iter-{i}" / "search" / "history.jsonl").read_text().splitlines()
+    ]
+    arch = json.loads((run_dir / "final" / "architecture.json").read_text())
+    heads = [len(layer["attention"]["kept_heads"]) for layer in arch["layers"]]
+    channels = [layer["mlp"]["kept_channels_count"] for layer in arch["layers"]]
+    return {
+        "sparsity": sparsity,
+        "achieved_sparsity": arch["achieved_sparsity"],
+        "kept_heads_fraction": sum(heads) / (len(heads) * session.adapter.num_heads),
+        "kept_channels_fraction": sum(channels) / (len(channels) * session.adapter.intermediate_size),
+        "dense": final["dense"],
+        "uniform": final["uniform"],
+        "one_iteration": one_iteration,
+        "coarse_to_fine": final["searched"],
+        "seconds_per_generation_median": statistics.median(seconds),
+        "seconds_per_generation": seconds,
+        "kept_heads_per_layer": heads,
+        "kept_channels_per_layer": channels,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", default="0.5,0.25")
+    parser.add_argument("--out", default="runs/bench-search")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    results, rows = {}, []
+    for s in (float(x) for x in args.sparsities.split(",")):
+        r = one_sparsity(s, Path(args.out), args.overrides)
+        results[str(s)] = r
+        for name in ("dense", "uniform", "one_iteration", "coarse_to_fine"):
+            rows.append([s, name, r[name]["ppl"], r[name]["kl"]])
+        print(
+            f"sparsity {s}: uniform {r['uniform']['ppl']:.1f} -> 1 iteration {r['one_iteration']['ppl']:.1f} -> "
+            f"coarse-to-fine {r['coarse_to_fine']['ppl']:.1f}; {r['seconds_per_generation_median']:.1f} s/gen",
+            flush=True,
+        )
+        write_results("search_quality", results)
+    print(markdown_table(["sparsity", "model", "ppl (lee)", "KL (top-512)"], rows))
+
+
+if __name__ == "__main__":
+    main()
