@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from evaluators.kl import sparse_kl_targets
 from evaluators.teacher import TeacherTargets
@@ -32,6 +33,7 @@ class SerialEvaluator:
         tokens: torch.Tensor,
         mode: str = "compact",
         batch_size: int = 8,
+        progress: bool = False,
     ):
         self.model = model
         self.store = store
@@ -41,6 +43,7 @@ class SerialEvaluator:
         self.genes = genes_of(adapter.num_layers)
         self.realiser = Realiser(model, adapter, mode)
         self.num_evaluations = 0
+        self.progress = progress
 
     def variants(self, genome: Genome) -> list[Variant]:
         return [self.store.variant(gene, level) for gene, level in zip(self.genes, genome, strict=True)]
@@ -51,7 +54,8 @@ class SerialEvaluator:
 
     def __call__(self, genomes: Sequence[Genome], sequence_indices: np.ndarray) -> list[float]:
         scores = []
-        for genome in genomes:
+        desc = f"candidates x {len(sequence_indices)} seqs"
+        for genome in tqdm(genomes, desc=desc, leave=False, disable=not self.progress):
             self.apply(genome)
             scores.append(
                 sparse_kl_targets(

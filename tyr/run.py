@@ -102,6 +102,7 @@ def run_iteration(
         session.calibration,
         mode=cfg.search.realisation,
         batch_size=cfg.search.batch_size,
+        progress=progress,
     )
     start = tuple(0 for _ in space.genes)
     num_generations = cfg.search.generations[iteration - 1]
@@ -224,6 +225,9 @@ def _generation_logger(iteration: int, total: int):
 def finalise(session: pipeline.Session, run_dir: Path, result: IterationResult, progress: bool) -> dict:
     """Re-apply the best genome, measure dense / uniform / searched, write final/ files."""
     cfg = session.cfg
+    if (run_dir / "final" / "metrics.json").is_file():
+        _log(f"{run_dir} is finished; final metrics in {run_dir / 'final' / 'metrics.json'}")
+        return json.loads((run_dir / "final" / "metrics.json").read_text())
     last = SupernetStore.open(run_dir / f"iter-{result.iteration}" / "supernet")
     first = SupernetStore.open(run_dir / "iter-1" / "supernet")
     architecture = pipeline.architecture(session, last, result.genome, cfg.sparsity)

@@ -1,0 +1,736 @@
+"""Ray fitness backend: the `SerialEvaluator` protocol spread over long-lived Ray actors (one per worker slot).
+
+Each actor loads the model and the calibration tokens itself from the run's config (`tyr.pipeline.open_session`),
+opens the teacher targets and the iteration's supernet from the run directory (which must be on storage every
+node reads at the same path) and holds a `SerialEvaluator`, so it swaps only the genes that change between two
+candidates. Per call only small integer genomes and the stage's sequence indices travel; tokens, targets and
+variants never do.
+
+Scheduling: workers pull work. A free worker takes the pending candidates closest (fewest differing genes) to
+the genome it will have applied, in chunks that shrink as the queue empties (no worker idles while work is
+left). Fitness depends only on (genome, sequence indices), so results do not depend on the number of workers,
+the assignment or the completion order; they come back in candidate order.
+
+Fault tolerance: a worker that dies (process killed, node lost, out of memory) is replaced by a fresh actor and
+its unfinished candidates go back to the queue; the search goes on with unchanged results.
+
+See docs/ray.md for cluster usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from search.space import Genome
+from tyr.config import RunConfig, to_dict
+from tyr.errors import TyrError
+
+__all__ = [
+    "RayEvaluator",
+    "RayEvaluatorFactory",
+    "RayStats",
+    "RayWorkerPool",
+    "connect",
+    "ray_evaluator_factory",
+]
+
+CONNECT_TIMEOUT_S = 10.0  # TCP check of a cluster address before Ray is asked to join it
+PIPELINE_DEPTH = 2  # calls in flight per worker, so a worker never waits for the driver between chunks
+_WAIT_POLL_S = 1.0  # ray.wait timeout in the scheduling loop (keeps Ctrl-C responsive)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise TyrError(
+            "the Ray backend needs the package ray: pip install 'tyr-pruner[ray]' (or `make setup`)"
+        ) from None
+    return ray
+
+
+# -- connecting -----------------------------------------------------------------------------------------------
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """TyrError unless a TCP connection to host:port of `address` opens within `timeout_s`."""
+    hostport = urlsplit(address).netloc if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TyrError(f"Ray address {address!r} is not of the form host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise TyrError(
+            f"cannot reach the Ray cluster at {address} ({e}); check the address, that the head node is "
+            "running (`ray start --head`) and that its port is open from here"
+        ) from None
+
+
+def connect(
+    address: str | None,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> bool:
+    """Make this process a Ray driver; returns True when it started a new local instance (the caller shuts it down).
+
+    `address`: None starts a local instance (or joins $RAY_ADDRESS when that is set); 'auto' joins the cluster
+    running on this machine; 'host:port' (the head's GCS port, 6379 by default) or 'ray://host:port' (Ray
+    Client, port 10001) join a remote one. An unreachable address gives TyrError within `timeout_s` (+ Ray's
+    own handshake), never a hang. An already connected process is reused as it is. Ray's logs stay quiet
+    unless `verbose`.
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address is None:
+        kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, **quiet}
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    elif address == "auto":
+        kwargs = {"address": "auto", **quiet}
+    elif address.startswith("ray://"):
+        _check_reachable(address, timeout_s)
+        kwargs = {"address": address}
+    else:
+        _check_reachable(address, timeout_s)
+        kwargs = {"address": address, **quiet}
+    try:
+        ray.init(**kwargs)
+    except Exception as e:  # ConnectionError, TimeoutError, RuntimeError, grpc errors, ...
+        where = "start a local Ray instance" if address is None else f"join the Ray cluster at {address}"
+        raise TyrError(f"cannot {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return address is None
+
+
+# -- the worker (runs inside a Ray actor) -----------------------------------------------------------------------
+
+
+def _worker_device(cfg_device: str, num_gpus: float) -> str:
+    """The device an actor uses: CPU unless Ray gave it GPUs (then its first visible GPU)."""
+    if num_gpus <= 0:
+        return "cpu"
+    if cfg_device == "cpu":
+        raise TyrError("num_gpus_per_worker > 0 but model.device is 'cpu'; use model.device=auto or cuda")
+    return "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned: cuda:N would point elsewhere
+
+
+class _Worker:
+    """One worker slot's state inside its actor: a session, the teacher targets and a SerialEvaluator.
+
+    Set-up is lazy (on `setup` or the first `evaluate`), so a restarted actor rebuilds itself on its next call.
+    """
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.session = None
+        self.targets = None
+        self.evaluator = None
+        self.supernet: tuple[str, str] | None = None
+        self.seconds_setup = 0.0
+
+    # ---- set-up --------------------------------------------------------------------------------------------
+    def _open_session(self) -> None:
+        import torch
+
+        from evaluators.teacher import TeacherTargets
+        from tyr import pipeline
+        from tyr.config import RunConfig, from_dict
+
+        t0 = time.perf_counter()
+        spec = self.spec
+        torch.set_num_threads(int(spec["num_threads"]))
+        cfg = from_dict(RunConfig, spec["config"])
+        num_gpus = float(spec["num_gpus"])
+        cfg.model.device = _worker_device(cfg.model.device, num_gpus)
+        multi_gpu = num_gpus > 1 and torch.cuda.device_count() > 1
+        if multi_gpu:  # load on the CPU, then spread the blocks over this actor's GPUs
+            cfg.model.device = "cpu"
+            if cfg.model.dtype == "auto":
+                cfg.model.dtype = "bfloat16"  # what `auto` gives on one GPU
+        session = pipeline.open_session(cfg, progress=False)
+        if multi_gpu:
+            session.model = _dispatch_over_gpus(session.model)
+        targets = TeacherTargets.open(Path(spec["run_dir"]) / "teacher")
+        if targets.k != cfg.search.topk:
+            raise TyrError(
+                f"teacher targets in {targets.directory} have k={targets.k} but search.topk={cfg.search.topk}"
+            )
+        targets.check_tokens(session.calibration)
+        self.session, self.targets = session, targets
+        self.seconds_setup = time.perf_counter() - t0
+
+    def _use_supernet(self, supernet_dir: str, fingerprint_hash: str) -> None:
+        if self.supernet == (supernet_dir, fingerprint_hash):
+            return
+        from search.evaluator import SerialEvaluator
+        from supernet.store import SupernetStore
+
+        if self.evaluator is not None:
+            self.evaluator.close()  # back to dense before another supernet's variants are applied
+            self.evaluator, self.supernet = None, None
+        store = SupernetStore.open(supernet_dir)
+        if store.fingerprint_hash != fingerprint_hash:
+            raise TyrError(
+                f"the supernet at {supernet_dir} seen from host {socket.gethostname()} is not the driver's "
+                "(fingerprint differs): the run directory must be on storage shared by every node"
+            )
+        se = self.session.cfg.search
+        self.evaluator = SerialEvaluator(
+            self.session.model,
+            self.session.adapter,
+            store,
+            self.targets,
+            self.session.calibration,
+            mode=se.realisation,
+            batch_size=se.batch_size,
+        )
+        self.supernet = (supernet_dir, fingerprint_hash)
+
+    def setup(self, supernet_dir: str, fingerprint_hash: str) -> dict:
+        if self.session is None:
+            self._open_session()
+        self._use_supernet(supernet_dir, fingerprint_hash)
+        return self.info()
+
+    def info(self) -> dict:
+        import torch
+
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.session.device) if self.session is not None else None,
+            "threads": torch.get_num_threads(),
+            "seconds_setup": self.seconds_setup,
+        }
+
+    # ---- work ----------------------------------------------------------------------------------------------
+    def evaluate(
+        self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], indices: list[int]
+    ) -> list[float]:
+        self.setup(supernet_dir, fingerprint_hash)
+        idx = np.asarray(indices, dtype=np.int64)
+        out = []
+        for i, genome in enumerate(genomes):
+            if i == min(1, len(genomes) - 1):
+                self._maybe_fault()
+            out.extend(self.evaluator([tuple(int(v) for v in genome)], idx))
+        return out
+
+    def _maybe_fault(self) -> None:
+        """Test hook: SIGKILL this actor's own process mid-call when the fault file exists (removed first)."""
+        path = self.spec.get("fault_file")
+        if path and os.path.exists(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                return  # another worker took this fault
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def noop(
+        self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], indices: list[int]
+    ) -> list[float]:
+        """Scheduling + transfer only (benchmarks): what a call costs without an evaluation."""
+        return [0.0] * len(genomes)
+
+    def release(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()
+        self.evaluator, self.supernet = None, None
+
+
+def _dispatch_over_gpus(model):
+    """Spread a model's decoder blocks over all visible GPUs (accelerate); not exercised without 2+ GPUs."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    block = type(model.model.layers[0]).__name__
+    device_map = infer_auto_device_map(
+        model, no_split_module_classes=[block], dtype=next(model.parameters()).dtype
+    )
+    return dispatch_model(model, device_map=device_map).eval()
+
+
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        _ACTOR_CLASS = _ray().remote(_Worker)
+    return _ACTOR_CLASS
+
+
+# -- the driver side ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayStats:
+    calls: int = 0
+    evaluations: int = 0  # unique candidates evaluated (duplicates within a call count once)
+    chunks: int = 0  # actor calls made
+    failures: int = 0  # actor deaths seen
+    restarts: int = 0  # replacement actors started
+    seconds: float = 0.0  # wall time inside __call__
+    workers: list[dict] = field(default_factory=list)  # info() of each slot's current actor
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any = None
+    generation: int = 0  # bumped whenever the actor is replaced
+    ready_ref: Any = None  # pending setup call; None once ready
+    tail: Genome | None = None  # the genome applied once its in-flight calls finish (None = unknown)
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    retired: bool = False
+    info: dict | None = None
+
+
+def _distance(a: Genome | None, b: Genome) -> int:
+    if a is None:
+        return len(b) + 1
+    return sum(x != y for x, y in zip(a, b))
+
+
+def _shippable_config(cfg: RunConfig) -> dict:
+    """`to_dict(cfg)` with local model/data paths made absolute (actors may run in another working directory)."""
+    from tyr.data import BUILTIN_CORPORA
+    from tyr.models import SMOLLM2_ALIAS
+
+    d = to_dict(cfg)
+    name = d["model"]["name"]
+    if name != SMOLLM2_ALIAS and Path(name).expanduser().exists():
+        d["model"]["name"] = str(Path(name).expanduser().resolve())
+    for key in ("calibration", "eval"):
+        src = d["data"][key]
+        if src not in BUILTIN_CORPORA and Path(src).expanduser().exists():
+            d["data"][key] = str(Path(src).expanduser().resolve())
+    return d
+
+
+class RayWorkerPool:
+    """`num_workers` long-lived actors that evaluate candidates of any supernet of one run.
+
+    Kept alive across iterations (the model is loaded once per actor); `evaluate` carries the supernet's
+    directory and fingerprint with every call, so an actor swaps supernets (and a restarted actor catches up)
+    by itself.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike,
+        num_workers: int,
+        address: str | None = None,
+        num_cpus_per_worker: float = 1,
+        num_gpus_per_worker: float = 0,
+        verbose: bool = False,
+        max_retries: int = 2,
+        num_threads: int | None = None,
+        startup_timeout_s: float = 900.0,
+        fault_file: str | None = None,
+    ):
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise TyrError(f"the Ray backend needs num_workers >= 1, got {num_workers!r}")
+        if num_cpus_per_worker < 0 or num_gpus_per_worker < 0:
+            raise TyrError("num_cpus_per_worker and num_gpus_per_worker must be >= 0")
+        if max_retries < 0:
+            raise TyrError(f"max_retries must be >= 0, got {max_retries}")
+        self.run_dir = Path(run_dir).resolve()
+        if not (self.run_dir / "teacher" / "meta.json").is_file():
+            raise TyrError(
+                f"{self.run_dir} holds no teacher targets (teacher/meta.json): not a run directory"
+            )
+        self.num_workers = num_workers
+        self.num_cpus = float(num_cpus_per_worker)
+        self.num_gpus = float(num_gpus_per_worker)
+        self.verbose = verbose
+        self.max_retries = max_retries
+        self.startup_timeout_s = startup_timeout_s
+        self.num_threads = int(num_threads) if num_threads else max(1, int(num_cpus_per_worker))
+        self.spec = {
+            "config": _shippable_config(cfg),
+            "run_dir": str(self.run_dir),
+            "num_threads": self.num_threads,
+            "num_gpus": self.num_gpus,
+            "fault_file": fault_file,
+        }
+        self.stats = RayStats()
+        self._closed = False
+        self._last_error = ""
+        self._started_ray = connect(address, verbose=verbose)
+        self._check_resources()
+        self.slots = [_Slot(i) for i in range(num_workers)]
+        for slot in self.slots:
+            self._start_actor(slot)
+
+    # ---- actors --------------------------------------------------------------------------------------------
+    def _check_resources(self) -> None:
+        ray = _ray()
+        have = ray.cluster_resources()
+        need = {"CPU": self.num_cpus * self.num_workers, "GPU": self.num_gpus * self.num_workers}
+        short = [
+            f"{k}: need {v:g}, cluster has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0)
+        ]
+        if short:
+            self._shutdown_ray()
+            raise TyrError(
+                f"the Ray cluster is too small for {self.num_workers} workers x ({self.num_cpus:g} CPU, "
+                f"{self.num_gpus:g} GPU): " + "; ".join(short) + ". Use fewer workers or smaller requests."
+            )
+
+    def _start_actor(self, slot: _Slot) -> None:
+        options: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "max_restarts": 0,  # replaced by the pool itself, so the new actor is set up before it gets work
+            "max_task_retries": 0,
+        }
+        slot.actor = _actor_class().options(**options).remote(self.spec)
+        slot.generation += 1
+        slot.ready_ref = None
+        slot.tail = None
+        slot.in_flight = 0
+        slot.info = None
+
+    def _replace_actor(self, slot: _Slot, error: BaseException) -> None:
+        ray = _ray()
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        self._last_error = reason
+        self.stats.failures += 1
+        slot.consecutive_failures += 1
+        with contextlib.suppress(Exception):  # already dead
+            ray.kill(slot.actor, no_restart=True)
+        if slot.consecutive_failures > self.max_retries:
+            slot.retired = True
+            slot.actor = None
+            self._log(f"worker {slot.index} retired after {slot.consecutive_failures} failures ({reason})")
+            return
+        self._log(f"worker {slot.index} died ({reason}); starting a replacement")
+        self.stats.restarts += 1
+        self._start_actor(slot)
+
+    def _setup_refs(self, supernet: tuple[str, str]) -> dict:
+        """Start set-up calls on actors that are not known to be ready; returns {ref: (slot, generation)}."""
+        refs = {}
+        for slot in self.slots:
+            if slot.retired or slot.info is not None:
+                continue
+            if slot.ready_ref is None:
+                slot.ready_ref = slot.actor.setup.remote(*supernet)
+            refs[slot.ready_ref] = (slot, slot.generation)
+        return refs
+
+    def _on_setup_done(self, ref, slot: _Slot, generation: int) -> None:
+        ray = _ray()
+        if generation != slot.generation:
+            return
+        slot.ready_ref = None
+        try:
+            slot.info = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise self._task_error(slot, e) from None
+        except _crash_errors() as e:
+            self._replace_actor(slot, e)
+            return
+        self.stats.workers = [s.info for s in self.slots if s.info is not None]
+        self._log(
+            f"worker {slot.index} ready on {slot.info['host']} (pid {slot.info['pid']}, {slot.info['device']}, "
+            f"{slot.info['threads']} threads, {slot.info['seconds_setup']:.1f} s set-up)"
+        )
+
+    def prepare(self, supernet_dir: str | os.PathLike, fingerprint_hash: str) -> None:
+        """Wait until every worker has loaded the model and opened `supernet_dir` (TyrError on failure/timeout)."""
+        ray = _ray()
+        supernet = (str(Path(supernet_dir).resolve()), fingerprint_hash)
+        for slot in self.slots:  # ready actors open the new supernet too (errors show now, not mid-search)
+            if not slot.retired and slot.ready_ref is None:
+                slot.info = None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            refs = self._setup_refs(supernet)
+            if not refs:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TyrError(
+                    f"{len(refs)} Ray worker(s) not ready after {self.startup_timeout_s:.0f} s (not placed on "
+                    "any node, or loading the model takes longer); see `ray status`"
+                )
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=min(remaining, _WAIT_POLL_S))
+            for ref in done:
+                self._on_setup_done(ref, *refs[ref])
+        if all(s.retired for s in self.slots):
+            raise TyrError(f"every Ray worker died while starting (last error: {self._last_error})")
+        for slot in self.slots:
+            slot.tail = None  # a fresh SerialEvaluator on the supernet: the model is dense
+
+    def _task_error(self, slot: _Slot, e) -> Exception:
+        """An exception raised inside a worker: TyrError stays a TyrError (naming the worker), bugs keep theirs."""
+        cause = getattr(e, "cause", None)
+        where = f"Ray worker {slot.index}" + (f" on {slot.info['host']}" if slot.info else "")
+        if isinstance(cause, TyrError):
+            return TyrError(f"{where}: {cause}")
+        return e
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(
+        self,
+        supernet_dir: str | os.PathLike,
+        fingerprint_hash: str,
+        genomes: Sequence[Genome],
+        sequence_indices: np.ndarray,
+        method: str = "evaluate",
+    ) -> list[float]:
+        """Fitness of each genome on `sequence_indices` (candidate order), spread over the workers."""
+        if self._closed:
+            raise TyrError("this Ray evaluator is closed")
+        ray = _ray()
+        t0 = time.perf_counter()
+        supernet = (str(Path(supernet_dir).resolve()), fingerprint_hash)
+        indices = [int(i) for i in np.asarray(sequence_indices).reshape(-1)]
+        genomes = [tuple(int(v) for v in g) for g in genomes]
+        unique = list(dict.fromkeys(genomes))
+        pending = list(range(len(unique)))
+        attempts = [0] * len(unique)
+        results: list[float | None] = [None] * len(unique)
+        in_flight: dict[Any, tuple[_Slot, int, list[int]]] = {}
+        setups = self._setup_refs(supernet)
+
+        while pending or in_flight:
+            for slot in self._free_slots():
+                if not pending:
+                    break
+                while pending and slot.in_flight < PIPELINE_DEPTH:
+                    chunk = self._take_chunk(slot, unique, pending)
+                    payload = [list(unique[c]) for c in chunk]
+                    ref = getattr(slot.actor, method).remote(*supernet, payload, indices)
+                    in_flight[ref] = (slot, slot.generation, chunk)
+                    slot.in_flight += 1
+                    slot.tail = unique[chunk[-1]]
+                    self.stats.chunks += 1
+            if not in_flight and not setups:
+                if all(s.retired for s in self.slots):
+                    raise TyrError(
+                        f"every Ray worker failed more than max_retries times (last error: {self._last_error})"
+                    )
+                setups = self._setup_refs(supernet)
+                continue
+            waiting = list(in_flight) + list(setups)
+            done, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_POLL_S)
+            for ref in done:
+                if ref in setups:
+                    self._on_setup_done(ref, *setups.pop(ref))
+                    continue
+                slot, generation, chunk = in_flight.pop(ref)
+                try:
+                    values = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise self._task_error(slot, e) from None
+                except _crash_errors() as e:
+                    pending.extend(chunk)
+                    pending.sort()
+                    for c in chunk:
+                        attempts[c] += 1
+                        if attempts[c] > self.max_retries + 1:
+                            raise TyrError(
+                                f"evaluating genome {list(unique[c])} crashed a Ray worker {attempts[c]} times"
+                            ) from None
+                    if generation == slot.generation:  # the first failure seen from this actor
+                        self._replace_actor(slot, e)
+                    continue
+                if generation == slot.generation:
+                    slot.in_flight -= 1
+                    slot.consecutive_failures = 0
+                for c, v in zip(chunk, values, strict=True):
+                    results[c] = float(v)
+            setups.update(self._setup_refs(supernet))
+            if all(s.retired for s in self.slots):
+                raise TyrError(
+                    f"every Ray worker failed more than max_retries times (last error: {self._last_error})"
+                )
+
+        self.stats.calls += 1
+        self.stats.evaluations += len(unique)
+        self.stats.seconds += time.perf_counter() - t0
+        by_genome = dict(zip(unique, results, strict=True))
+        return [by_genome[g] for g in genomes]
+
+    def _free_slots(self) -> list[_Slot]:
+        """Ready workers with room for another call, the least loaded first."""
+        free = [
+            s for s in self.slots if not s.retired and s.info is not None and s.in_flight < PIPELINE_DEPTH
+        ]
+        return sorted(free, key=lambda s: (s.in_flight, s.index))
+
+    def _take_chunk(self, slot: _Slot, unique: list[Genome], pending: list[int]) -> list[int]:
+        """Remove and return the next chunk for `slot`: a nearest-neighbour chain from its applied genome.
+
+        Chunk size shrinks with the queue (pending / (depth x workers)), so big chunks save round trips early
+        and single candidates balance the end.
+        """
+        active = sum(1 for s in self.slots if not s.retired and s.info is not None)
+        size = max(1, math.ceil(len(pending) / (PIPELINE_DEPTH * max(active, 1))))
+        chunk = []
+        here = slot.tail
+        for _ in range(min(size, len(pending))):
+            best = min(pending, key=lambda c: (_distance(here, unique[c]), c))
+            pending.remove(best)
+            chunk.append(best)
+            here = unique[best]
+        return chunk
+
+    # ---- closing -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Kill the actors; shut Ray down only when this pool started the local instance."""
+        if self._closed:
+            return
+        self._closed = True
+        ray = _ray()
+        if ray.is_initialized():
+            for slot in self.slots:
+                if slot.actor is not None:
+                    with contextlib.suppress(Exception):
+                        ray.kill(slot.actor, no_restart=True)
+                    slot.actor = None
+        self._shutdown_ray()
+
+    def _shutdown_ray(self) -> None:
+        if self._started_ray:
+            self._started_ray = False
+            _ray().shutdown()
+
+    def _log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[tyr] ray: {message}", flush=True)
+
+
+def _crash_errors() -> tuple[type[BaseException], ...]:
+    """Ray errors that mean the worker process or its node went away (the work is redone elsewhere)."""
+    ex = _ray().exceptions
+    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ObjectLostError")
+    return tuple(getattr(ex, n) for n in names if hasattr(ex, n))
+
+
+class RayEvaluator:
+    """The fitness protocol of `SerialEvaluator` (`__call__(genomes, sequence_indices) -> list[float]`) on Ray.
+
+    With `pool=None` it starts (and on `close` kills) its own workers; with a shared `RayWorkerPool` (see
+    `ray_evaluator_factory`) `close` leaves the workers running for the next supernet.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike,
+        supernet_dir: str | os.PathLike,
+        num_workers: int = 1,
+        address: str | None = None,
+        num_cpus_per_worker: float = 1,
+        num_gpus_per_worker: float = 0,
+        verbose: bool = False,
+        max_retries: int = 2,
+        num_threads: int | None = None,
+        pool: RayWorkerPool | None = None,
+        fault_file: str | None = None,
+    ):
+        from supernet.store import SupernetStore
+
+        self.supernet_dir = Path(supernet_dir).resolve()
+        self.fingerprint_hash = SupernetStore.open(self.supernet_dir).fingerprint_hash
+        self._owns_pool = pool is None
+        self.pool = pool or RayWorkerPool(
+            cfg,
+            run_dir,
+            num_workers,
+            address=address,
+            num_cpus_per_worker=num_cpus_per_worker,
+            num_gpus_per_worker=num_gpus_per_worker,
+            verbose=verbose,
+            max_retries=max_retries,
+            num_threads=num_threads,
+            fault_file=fault_file,
+        )
+        try:
+            self.pool.prepare(self.supernet_dir, self.fingerprint_hash)
+        except BaseException:
+            if self._owns_pool:
+                self.pool.close()
+            raise
+        self.num_evaluations = 0
+
+    @property
+    def stats(self) -> RayStats:
+        return self.pool.stats
+
+    def __call__(self, genomes: Sequence[Genome], sequence_indices: np.ndarray) -> list[float]:
+        values = self.pool.evaluate(self.supernet_dir, self.fingerprint_hash, genomes, sequence_indices)
+        self.num_evaluations += len(genomes)
+        return values
+
+    def close(self) -> None:
+        """Kill the workers (own pool) or leave them for the next supernet (shared pool)."""
+        if self._owns_pool:
+            self.pool.close()
+
+
+class RayEvaluatorFactory:
+    """`factory(supernet_dir) -> RayEvaluator` over one worker pool kept for the whole run; `close()` at the end."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike, num_workers: int, **pool_options: Any):
+        self.cfg, self.run_dir, self.num_workers = cfg, run_dir, num_workers
+        self.pool_options = pool_options
+        self.pool: RayWorkerPool | None = None
+
+    def __call__(self, supernet_dir: str | os.PathLike) -> RayEvaluator:
+        if self.pool is None:
+            self.pool = RayWorkerPool(self.cfg, self.run_dir, self.num_workers, **self.pool_options)
+        return RayEvaluator(self.cfg, self.run_dir, supernet_dir, pool=self.pool)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def ray_evaluator_factory(
+    cfg: RunConfig,
+    run_dir: str | os.PathLike,
+    num_workers: int,
+    address: str | None = None,
+    num_cpus_per_worker: float = 1,
+    num_gpus_per_worker: float = 0,
+    verbose: bool = False,
+    max_retries: int = 2,
+) -> RayEvaluatorFactory:
+    """What `tyr.run` needs: a callable giving each iteration's evaluator, the actors loaded once per run."""
+    return RayEvaluatorFactory(
+        cfg,
+        run_dir,
+        num_workers,
+        address=address,
+        num_cpus_per_worker=num_cpus_per_worker,
+        num_gpus_per_worker=num_gpus_per_worker,
+        verbose=verbose,
+        max_retries=max_retries,
+    )
