@@ -103,6 +103,9 @@ def test_run_end_to_end_and_corrupt_state(capsys, tmp_path, tiny_assets):
     assert arch["params"]["dense"] == sum(p.numel() for p in model.parameters())
     assert len(arch["layers"]) == 3 and arch["achieved_sparsity"] >= 0.4
     assert metrics["searched"]["kl"] <= metrics["uniform"]["kl"] + 1e-9
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "iteration 2: done" in status and "finished: perplexity" in status
     # A corrupt search checkpoint is reported, not silently discarded.
     (out / "iter-2" / "result.json").unlink()
     (out / "iter-2" / "search" / "state.json").write_text("{not json")

@@ -86,6 +86,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from tyr.status import run_status
+
+    print("\n".join(run_status(args.run)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tyr", description="Global structural pruning of LLMs (Týr-the-Pruner)."
@@ -100,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.add_argument("--schedule", help="preset the config starts from: paper, cpu (default) or smoke")
     run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="where a run stands: stage, generation, best fitness, time left")
+    status.add_argument("run", help="run directory")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
