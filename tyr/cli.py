@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="where a run stands: stage, generation, best fitness, time left")
     status.add_argument("run", help="run directory")
     status.set_defaults(func=cmd_status)
+    from tyr.evaluate import add_eval_parser
+    from tyr.export import add_export_parser
+
+    add_export_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -15,10 +15,12 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tyr.errors import TyrError
+
+if TYPE_CHECKING:  # torch loads on first use: `tyr --help` stays fast
+    import torch
 
 DEFAULT_DATA = "lee"
 DEFAULT_SEQ_LEN = 512

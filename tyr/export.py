@@ -28,15 +28,16 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
-
-from supernet.families import ModelAdapter
-from supernet.variant import Variant, genes_of
 from tyr.errors import TyrError
-from tyr.io import atomic_write_json, atomic_write_tensors, atomic_write_text
+
+if TYPE_CHECKING:  # torch and the rest load on first use: `tyr --help` stays fast
+    import torch
+    from torch import nn
+
+    from supernet.families import ModelAdapter
+    from supernet.variant import Variant
 
 Format = Literal["hf", "dense-masked"]
 FORMATS: tuple[str, ...] = ("hf", "dense-masked")
@@ -58,6 +59,8 @@ class LayerShape:
 
 def layer_shapes(adapter: ModelAdapter, variants: Sequence[Variant | None]) -> list[LayerShape]:
     """Per layer, the kept units of a genome (one Variant per gene in ``genes_of`` order; None = dense)."""
+    from supernet.variant import genes_of
+
     genes = genes_of(adapter.num_layers)
     if len(variants) != len(genes):
         raise TyrError(
@@ -251,6 +254,8 @@ def _realised_state(
 
 
 def _pruned_rows(kept: Iterable[int], num_units: int, group: int) -> torch.Tensor:
+    import torch
+
     kept_set = set(kept)
     units = [u for u in range(num_units) if u not in kept_set]
     return torch.tensor([u * group + j for u in units for j in range(group)], dtype=torch.long)
@@ -260,6 +265,8 @@ def write_weights(
     directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ):
     """``model.safetensors`` (or numbered shards plus ``model.safetensors.index.json``), names sorted."""
+    from tyr.io import atomic_write_json, atomic_write_tensors
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
@@ -312,7 +319,9 @@ def export_model(
     ``final/metrics.json``) goes into the model card. ``protect`` lists folders that ``force`` must never
     delete (the run, the base model). Returns the output folder.
     """
+    from supernet.families import ModelAdapter
     from supernet.realise import Realiser
+    from tyr.io import atomic_write_json, atomic_write_text
 
     if format not in FORMATS:
         raise TyrError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -364,6 +373,8 @@ def export_model(
 def _write_generation_config(directory: Path, model: nn.Module, generation_config) -> None:
     from transformers import GenerationConfig
 
+    from tyr.io import atomic_write_text
+
     gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     if gen is None:
         gen = GenerationConfig.from_model_config(model.config)
@@ -374,31 +385,42 @@ def check_output_folder(out: Path, force: bool, protect: Iterable[str | os.PathL
     """Refuse a non-empty ``out`` unless ``force``; never one that holds (or is) a protected folder."""
     if not out.exists():
         return
+    if out.is_dir() and not any(out.iterdir()):
+        return
     resolved = out.resolve()
     for p in protect:
         q = Path(p).resolve()
-        if resolved == q or resolved in q.parents:
+        inside = q in resolved.parents and not _is_export(out)  # e.g. RUN/final: only a former export may go
+        if resolved == q or resolved in q.parents or inside:
             raise TyrError(f"--out {out} would overwrite {q}; choose another output folder")
-    if out.is_dir() and not any(out.iterdir()):
-        return
     if not force:
         what = "folder" if out.is_dir() else "file"
         raise TyrError(f"output {what} {out} exists and is not empty; choose another --out or pass --force")
 
 
+def _is_export(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / ARCHITECTURE_FILE).is_file()
+
+
+def _share_modes(folder: Path) -> None:
+    """Temp folders and atomically written files are private (0700/0600); give the export the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _replace_folder(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out``; an existing ``out`` is set aside first and deleted last."""
+    _share_modes(tmp)
     old = None
     if out.exists() or out.is_symlink():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-")) / "x"
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old.parent, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-            shutil.rmtree(old.parent, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- model card
@@ -422,7 +444,7 @@ def model_card(architecture: dict, metrics: dict | None, fmt: str, remote: bool,
         "- tyr",
         "---",
         "",
-        f"# {base}, structurally pruned with Tyr",
+        f"# {Path(base).name or base}, structurally pruned with Tyr",
         "",
         f"Attention heads and MLP channels of `{base}` ({architecture.get('model_type')}) were removed by Tyr "
         "(Týr-the-Pruner: a supernet of locally pruned variants per module, re-fitted output projections, and an "
@@ -633,6 +655,7 @@ def load_run_model(final: RunFinal, device: str | None = "cpu"):
     """(dense model as the run used it, tokenizer, resolved model, adapter, variants of the final genome)."""
     from supernet.families import adapter_for
     from supernet.store import SupernetStore
+    from supernet.variant import genes_of
     from tyr import pipeline
     from tyr.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 
@@ -657,6 +680,8 @@ def load_run_model(final: RunFinal, device: str | None = "cpu"):
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
+    import torch
+
     if not name:
         return None
     value = getattr(torch, str(name).removeprefix("torch."), None)
