@@ -115,6 +115,7 @@ def measure(run_dir: Path, num_candidates: int, repeats: int, worker_counts: lis
         f"{n_first}x{targets.seq_len}": np.arange(n_first, dtype=np.int64),
         f"{targets.num_sequences}x{targets.seq_len}": np.arange(targets.num_sequences, dtype=np.int64),
     }
+    load_before = os.getloadavg()[0]
     result: dict = {
         "run_dir": str(run_dir),
         "model": cfg.model.name,
@@ -154,6 +155,7 @@ def measure(run_dir: Path, num_candidates: int, repeats: int, worker_counts: lis
 
     for workers in worker_counts:
         measure_ray(result, cfg, run_dir, supernet_dir, workers, genomes, batches, reference, repeats)
+    result["load_average"] = [load_before, os.getloadavg()[0]]  # other jobs on the machine skew the numbers
     return result
 
 
@@ -193,7 +195,8 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         lines.append(
             f"\n**{r['model']}** ({r['num_layers']} blocks), {r['candidates_per_call']} candidates per call, "
-            f"median of {r['repeats']}\n"
+            f"median of {r['repeats']}; load average {r['load_average'][0]:.1f} before, "
+            f"{r['load_average'][1]:.1f} after (on {os.cpu_count()} CPUs)\n"
         )
         lines.append("| backend | " + " | ".join(f"eval/s @ {b} tokens" for b in r["batches"]) + " |")
         lines.append("|---|" + "---:|" * len(r["batches"]))
@@ -201,7 +204,12 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {backend} | " + " | ".join(f"{per[b]:.1f}" for b in r["batches"]) + " |")
         lines.append("\n| fixed cost | time |\n|---|---:|")
         for what, seconds in r["overhead_s"].items():
-            shown = f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.3f} ms"
+            if seconds >= 1:
+                shown = f"{seconds:.2f} s"
+            elif seconds >= 1e-3:
+                shown = f"{seconds * 1e3:.2f} ms"
+            else:
+                shown = f"{seconds * 1e6:.1f} µs"
             lines.append(f"| {what} | {shown} |")
     return "\n".join(lines)
 
@@ -216,7 +224,7 @@ def main() -> None:
     )
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny run built by default")
     parser.add_argument("--candidates", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ray_throughput.json"))
     args = parser.parse_args()

@@ -145,6 +145,7 @@ class _Worker:
         self.evaluator = None
         self.supernet: tuple[str, str] | None = None
         self.seconds_setup = 0.0
+        self.device_name: str | None = None
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def _open_session(self) -> None:
@@ -166,8 +167,10 @@ class _Worker:
             if cfg.model.dtype == "auto":
                 cfg.model.dtype = "bfloat16"  # what `auto` gives on one GPU
         session = pipeline.open_session(cfg, progress=False)
+        self.device_name = str(session.device)
         if multi_gpu:
             session.model = _dispatch_over_gpus(session.model)
+            self.device_name = f"{torch.cuda.device_count()} GPUs"
         targets = TeacherTargets.open(Path(spec["run_dir"]) / "teacher")
         if targets.k != cfg.search.topk:
             raise TyrError(
@@ -216,7 +219,7 @@ class _Worker:
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "device": str(self.session.device) if self.session is not None else None,
+            "device": self.device_name,
             "threads": torch.get_num_threads(),
             "seconds_setup": self.seconds_setup,
         }
@@ -354,6 +357,8 @@ class RayWorkerPool:
             raise TyrError(f"the Ray backend needs num_workers >= 1, got {num_workers!r}")
         if num_cpus_per_worker < 0 or num_gpus_per_worker < 0:
             raise TyrError("num_cpus_per_worker and num_gpus_per_worker must be >= 0")
+        if num_gpus_per_worker > 1 and num_gpus_per_worker != int(num_gpus_per_worker):
+            raise TyrError(f"num_gpus_per_worker above 1 must be a whole number, got {num_gpus_per_worker}")
         if max_retries < 0:
             raise TyrError(f"max_retries must be >= 0, got {max_retries}")
         self.run_dir = Path(run_dir).resolve()
@@ -518,10 +523,11 @@ class RayWorkerPool:
         setups = self._setup_refs(supernet)
 
         while pending or in_flight:
-            for slot in self._free_slots():
-                if not pending:
-                    break
-                while pending and slot.in_flight < PIPELINE_DEPTH:
+            free = self._free_slots()
+            while pending and free:  # one call per free worker per round, until each has PIPELINE_DEPTH
+                for slot in free:
+                    if not pending:
+                        break
                     chunk = self._take_chunk(slot, unique, pending)
                     payload = [list(unique[c]) for c in chunk]
                     ref = getattr(slot.actor, method).remote(*supernet, payload, indices)
@@ -529,6 +535,7 @@ class RayWorkerPool:
                     slot.in_flight += 1
                     slot.tail = unique[chunk[-1]]
                     self.stats.chunks += 1
+                free = self._free_slots()
             if not in_flight and not setups:
                 if all(s.retired for s in self.slots):
                     raise TyrError(

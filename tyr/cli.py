@@ -6,6 +6,7 @@ User mistakes (TyrError) print one line and exit 2; Ctrl-C exits 130 and the sam
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         for flag, key in _FLAG_KEYS.items()
         if getattr(args, flag, None) is not None
     ]
+    workers, address = getattr(args, "workers", None), getattr(args, "ray_address", None)
+    if workers is not None or address is not None:
+        overrides.append("backend.kind=ray")
+    if workers is not None:
+        overrides.append(f"backend.num_workers={workers}")
+    if address is not None:
+        overrides.append(f"backend.address={json.dumps(address)}")  # quoted: YAML would read 1:20 as a number
     return resolve_config(args.config, overrides + args.overrides)
 
 
@@ -79,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tyr.run import run
 
     cfg = _config_from_args(args)
-    run(cfg, args.out, force=args.force, progress=not args.quiet)
+    run(cfg, args.out, force=args.force, progress=not args.quiet, verbose=args.verbose)
     print(
         f"[tyr] done: {Path(args.out) / 'final' / 'architecture.json'}, {Path(args.out) / 'final' / 'metrics.json'}"
     )
@@ -106,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.add_argument("--schedule", help="preset the config starts from: paper, cpu (default) or smoke")
+    run.add_argument("--workers", type=int, help="evaluate fitness on N Ray workers (starts a local Ray)")
+    run.add_argument(
+        "--ray-address", help="join an existing Ray cluster: auto, host:6379 or ray://host:10001"
+    )
+    run.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="where a run stands: stage, generation, best fitness, time left")
     status.add_argument("run", help="run directory")

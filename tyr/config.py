@@ -83,6 +83,20 @@ class SearchConfig:
 
 
 @dataclass
+class BackendConfig:
+    """Where fitness evaluations run (docs/ray.md). Not part of the run's identity: results do not depend on it."""
+
+    kind: Literal["serial", "ray"] = "serial"
+    address: str | None = (
+        None  # None: a local Ray instance (or $RAY_ADDRESS); auto; host:6379; ray://host:10001
+    )
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    max_retries: int = 2
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -91,6 +105,7 @@ class RunConfig:
     schedule: str = "cpu"  # preset the other values start from: paper, cpu or smoke (see tyr/schedules.py)
     sparsity: float = 0.5  # target fraction of prunable units removed per module type
     seed: int = 0
+    backend: BackendConfig = field(default_factory=BackendConfig)  # last: config.yaml omits it (not identity)
 
     def validate(self) -> None:
         """Checks that need no model: ranges and enumerations. Raises TyrError."""
@@ -112,6 +127,9 @@ class RunConfig:
         if self.data.num_sequences < 1 or self.data.seq_len < 2:
             raise TyrError("data.num_sequences must be >= 1 and data.seq_len >= 2")
         self._validate_search()
+        b = self.backend
+        if b.num_workers < 1 or b.num_cpus_per_worker < 0 or b.num_gpus_per_worker < 0 or b.max_retries < 0:
+            raise TyrError("backend: num_workers must be >= 1; CPU/GPU requests and max_retries must be >= 0")
 
     def _validate_search(self) -> None:
         se = self.search
@@ -254,5 +272,14 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+IDENTITY_EXCLUDED = ("backend",)
+
+
+def identity_dict(cfg: Any) -> dict:
+    """The config minus settings that cannot change results (the fitness backend)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in IDENTITY_EXCLUDED}
+
+
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The run's identity as YAML (written to RUN/config.yaml and hashed into fingerprints)."""
+    return yaml.safe_dump(identity_dict(cfg), sort_keys=False)

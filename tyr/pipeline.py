@@ -17,7 +17,7 @@ from supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_units
 from supernet.pruner import PrunerOptions
 from supernet.store import SupernetStore
 from supernet.variant import genes_of
-from tyr.config import RunConfig, dump_yaml, to_dict
+from tyr.config import RunConfig, dump_yaml, identity_dict, to_dict
 from tyr.data import TextSource, calibration_tokens
 from tyr.errors import TyrError
 from tyr.io import atomic_write_text, sha256_json, sha256_tensor
@@ -65,7 +65,7 @@ def _config_difference(path: Path, cfg: RunConfig) -> str:
     import yaml
 
     old = yaml.safe_load(path.read_text()) or {}
-    new = to_dict(cfg)
+    new = identity_dict(cfg)
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):

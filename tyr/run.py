@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,17 +37,59 @@ class IterationResult:
     centres: list[int]  # units removed per gene at the chosen levels (the next iteration's centres)
 
 
-def run(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+def run(
+    cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True, verbose: bool = False
+) -> dict:
     """The whole pipeline; returns the final metrics (also written to RUN/final/metrics.json)."""
     run_dir = pipeline.open_run_dir(out, cfg, force)
     session = pipeline.open_session(cfg, progress=progress)
     targets = ensure_teacher_targets(session, run_dir / "teacher", progress)
+    make_evaluator, close_backend = fitness_backend(session, targets, run_dir, progress, verbose)
     centres = pipeline.uniform_centres(session.adapter, cfg)
     result = None
-    for iteration in range(1, cfg.search.num_iterations + 1):
-        result = run_iteration(session, targets, run_dir, iteration, centres, progress)
-        centres = result.centres
+    try:
+        for iteration in range(1, cfg.search.num_iterations + 1):
+            result = run_iteration(session, targets, run_dir, iteration, centres, make_evaluator, progress)
+            centres = result.centres
+    finally:
+        close_backend()
     return finalise(session, run_dir, result, progress)
+
+
+def fitness_backend(
+    session: pipeline.Session, targets: TeacherTargets, run_dir: Path, progress: bool, verbose: bool = False
+) -> tuple[Callable[[SupernetStore], object], Callable[[], None]]:
+    """(make_evaluator(store), close()) for `cfg.backend`; Ray workers start on first use."""
+    cfg = session.cfg
+    if cfg.backend.kind == "ray":
+        from search.ray_backend import ray_evaluator_factory
+
+        b = cfg.backend
+        factory = ray_evaluator_factory(
+            cfg,
+            run_dir,
+            b.num_workers,
+            address=b.address,
+            num_cpus_per_worker=b.num_cpus_per_worker,
+            num_gpus_per_worker=b.num_gpus_per_worker,
+            verbose=verbose,
+            max_retries=b.max_retries,
+        )
+        return (lambda store: factory(store.directory)), factory.close
+
+    def serial(store: SupernetStore) -> SerialEvaluator:
+        return SerialEvaluator(
+            session.model,
+            session.adapter,
+            store,
+            targets,
+            session.calibration,
+            mode=cfg.search.realisation,
+            batch_size=cfg.search.batch_size,
+            progress=progress,
+        )
+
+    return serial, (lambda: None)
 
 
 def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress: bool) -> TeacherTargets:
@@ -77,7 +120,8 @@ def run_iteration(
     run_dir: Path,
     iteration: int,
     centres: list[int],
-    progress: bool,
+    make_evaluator: Callable[[SupernetStore], object],
+    progress: bool = True,
 ) -> IterationResult:
     """Build the supernet around `centres` with this iteration's step, then search from its centre."""
     it_dir = run_dir / f"iter-{iteration}"
@@ -94,16 +138,7 @@ def run_iteration(
     )
     space = search_space(session, store)
     cfg = session.cfg
-    evaluator = SerialEvaluator(
-        session.model,
-        session.adapter,
-        store,
-        targets,
-        session.calibration,
-        mode=cfg.search.realisation,
-        batch_size=cfg.search.batch_size,
-        progress=progress,
-    )
+    evaluator = make_evaluator(store)
     start = tuple(0 for _ in space.genes)
     num_generations = cfg.search.generations[iteration - 1]
     try:

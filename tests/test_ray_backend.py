@@ -1,0 +1,388 @@
+"""Ray fitness backend: same numbers as the serial evaluator, worker deaths survived, clear connection errors.
+
+One real local Ray instance (2 CPUs) serves the whole module; the run directory comes from a real smoke run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from search.evaluator import SerialEvaluator
+from search.evolution import run_generation, sample_offspring
+from search.ray_backend import RayEvaluator, RayWorkerPool, _distance, _Slot, _worker_device
+from search.state import evolve, make_rng
+from supernet.store import SupernetStore
+from tests.conftest import smoke_args
+from tyr.config import RunConfig, from_dict
+from tyr.errors import TyrError
+
+REPO = Path(__file__).resolve().parents[1]
+CPUS_PER_WORKER = 0.5  # logical: a 1-worker and a 2-worker evaluator fit together in num_cpus=2
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Serial reference with the workers' thread count (float results may depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_run(tiny_assets, tmp_path_factory):
+    """(run_dir, cfg) of a finished smoke run, with a local Ray instance up for the module."""
+    ray = pytest.importorskip("ray")
+    from search.ray_backend import connect
+    from tyr.cli import main
+
+    saved = {k: os.environ.pop(k, None) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a private local instance, never a cluster from the environment
+    run_dir = tmp_path_factory.mktemp("ray-run") / "run"
+    assert main(smoke_args(tiny_assets, run_dir)) == 0
+    cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if ray.is_initialized():
+        ray.shutdown()
+    assert connect(None, num_cpus=2) is True
+    yield run_dir, cfg
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+class Reference:
+    """The serial backend on a driver-side session: one SerialEvaluator at a time (they share the model)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig):
+        from evaluators.teacher import TeacherTargets
+        from tyr import pipeline
+        from tyr.run import search_space
+
+        self.cfg = cfg
+        self.session = pipeline.open_session(cfg, progress=False)
+        self.targets = TeacherTargets.open(run_dir / "teacher")
+        self.stores = {it: SupernetStore.open(run_dir / f"iter-{it}" / "supernet") for it in (1, 2)}
+        self.spaces = {it: search_space(self.session, store) for it, store in self.stores.items()}
+        self.current: tuple[int, SerialEvaluator] | None = None
+
+    def evaluator(self, iteration: int) -> SerialEvaluator:
+        if self.current is None or self.current[0] != iteration:
+            self.close()  # the model goes back to dense before another supernet is applied
+            s = self.session
+            evaluator = SerialEvaluator(
+                s.model,
+                s.adapter,
+                self.stores[iteration],
+                self.targets,
+                s.calibration,
+                mode=self.cfg.search.realisation,
+                batch_size=self.cfg.search.batch_size,
+            )
+            self.current = (iteration, evaluator)
+        return self.current[1]
+
+    def values(self, iteration: int, genomes, indices) -> list[float]:
+        with torch_threads(1):
+            return self.evaluator(iteration)(genomes, indices)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current[1].close()
+            self.current = None
+
+
+@pytest.fixture(scope="module")
+def reference(ray_run):
+    ref = Reference(*ray_run)
+    yield ref
+    ref.close()
+
+
+@pytest.fixture(scope="module")
+def pool2(ray_run, tmp_path_factory):
+    """A 2-worker pool shared by several tests, with the fault-injection file armed by tests that want it."""
+    run_dir, cfg = ray_run
+    fault = tmp_path_factory.mktemp("ray-fault") / "crash-now"
+    pool = RayWorkerPool(cfg, run_dir, 2, num_cpus_per_worker=CPUS_PER_WORKER, fault_file=str(fault))
+    pool.fault_path = fault
+    yield pool
+    pool.close()
+
+
+def _candidates(space, n: int, seed: int) -> list[tuple[int, ...]]:
+    start = tuple(0 for _ in space.genes)
+    return [start, *sample_offspring(start, space, np.random.default_rng(seed), n, 2)]
+
+
+BATCHES = [np.arange(8), np.array([1, 4, 6]), np.array([0, 2])]
+
+
+# -- unit: no Ray needed ---------------------------------------------------------------------------------------
+
+
+def test_worker_device_follows_the_gpu_request():
+    assert _worker_device("auto", 0) == "cpu"
+    assert _worker_device("cuda:1", 0) == "cpu"
+    assert _worker_device("auto", 1) == "cuda"
+    assert _worker_device("cuda:3", 0.5) == "cuda"  # Ray remaps the visible devices
+    with pytest.raises(TyrError):
+        _worker_device("cpu", 1)
+
+
+def test_chunks_follow_the_nearest_genome():
+    pool = RayWorkerPool.__new__(RayWorkerPool)
+    pool.slots = [_Slot(0, info={}), _Slot(1, info={})]
+    unique = [(0, 0, 0, 0), (1, -1, 0, 0), (2, -2, 0, 0), (0, 0, 2, -1), (0, 0, 2, -2)]
+    pool.slots[0].tail = (0, 0, 2, -2)
+    pending = list(range(5))
+    chunk = pool._take_chunk(pool.slots[0], unique, pending)  # ceil(5 / (2 x 2)) = 2 candidates
+    assert chunk == [4, 3]
+    assert pending == [0, 1, 2]
+    assert _distance(None, unique[0]) > _distance(unique[1], unique[2])
+
+
+# -- Ray: equal results ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_worker_matches_serial_values_and_search(ray_run, reference, tmp_path):
+    run_dir, cfg = ray_run
+    evaluator = RayEvaluator(
+        cfg, run_dir, run_dir / "iter-1" / "supernet", num_workers=1, num_cpus_per_worker=CPUS_PER_WORKER
+    )
+    try:
+        space = reference.spaces[1]
+        genomes = _candidates(space, 8, seed=1)
+        for indices in BATCHES:
+            assert evaluator(genomes, indices) == reference.values(1, genomes, indices)
+        assert evaluator.stats.workers[0]["threads"] == 1
+        _assert_same_search(cfg, reference, evaluator, tmp_path)
+    finally:
+        evaluator.close()
+
+
+@pytest.mark.slow
+def test_two_workers_match_serial_values_and_search(ray_run, reference, pool2, tmp_path):
+    run_dir, cfg = ray_run
+    evaluator = RayEvaluator(cfg, run_dir, run_dir / "iter-1" / "supernet", pool=pool2)
+    space = reference.spaces[1]
+    genomes = _candidates(space, 12, seed=2)
+    doubled = genomes + genomes[::-1]  # duplicates are evaluated once and returned in candidate order
+    for indices in BATCHES:
+        want = reference.values(1, genomes, indices)
+        assert evaluator(doubled, indices) == want + want[::-1]
+    assert len({w["pid"] for w in evaluator.stats.workers}) == 2
+    _assert_same_search(cfg, reference, evaluator, tmp_path)
+    evaluator.close()  # a shared pool stays up
+    assert all(slot.actor is not None for slot in pool2.slots)
+
+
+def _assert_same_search(cfg, reference, ray_fitness, tmp_path):
+    from tyr.run import evolution_config
+
+    serial, space, targets = reference.evaluator(1), reference.spaces[1], reference.targets
+    evo = evolution_config(cfg, 3)
+    start = tuple(0 for _ in space.genes)
+    shape = {"num_sequences": targets.num_sequences, "seq_len": targets.seq_len}
+
+    def one_generation(fitness):
+        return run_generation(start, space, evo, fitness, make_rng(7), **shape)
+
+    with torch_threads(1):
+        want_gen = one_generation(serial)
+    got_gen = one_generation(ray_fitness)
+    assert (got_gen.parent, got_gen.fitness, got_gen.stage_best) == (
+        want_gen.parent,
+        want_gen.fitness,
+        want_gen.stage_best,
+    )
+
+    def search(fitness, name):
+        d = tmp_path / name
+        return evolve(
+            space, evo, fitness, start, seed=11, state_path=d / "state.json", history_path=d / "h.jsonl",
+            identity={"test": name}, **shape,
+        )  # fmt: skip
+
+    with torch_threads(1):
+        want = search(serial, "serial")
+    got = search(ray_fitness, "ray")
+    assert got.generation == want.generation == 3
+    assert (got.parent, got.parent_fitness, got.best_history) == (
+        want.parent,
+        want.parent_fitness,
+        want.best_history,
+    )
+
+
+@pytest.mark.slow
+def test_shared_pool_switches_supernets(ray_run, reference, pool2):
+    """The factory's pattern: one pool, one evaluator per iteration's supernet (model loaded once per actor)."""
+    run_dir, cfg = ray_run
+    pids = {w["pid"] for w in pool2.stats.workers}
+    for it in (2, 1, 2):
+        evaluator = RayEvaluator(cfg, run_dir, run_dir / f"iter-{it}" / "supernet", pool=pool2)
+        genomes = _candidates(reference.spaces[it], 6, seed=it)
+        assert evaluator(genomes, BATCHES[1]) == reference.values(it, genomes, BATCHES[1])
+        evaluator.close()
+    assert {w["pid"] for w in pool2.stats.workers} == pids  # no actor was restarted
+
+
+@pytest.mark.slow
+def test_factory_keeps_one_pool_for_the_run(ray_run, reference):
+    """What `tyr run` wires in: factory(supernet_dir) per iteration, close() at the end of the run."""
+    import ray
+
+    from search.ray_backend import ray_evaluator_factory
+
+    run_dir, cfg = ray_run
+    factory = ray_evaluator_factory(cfg, run_dir, 1, num_cpus_per_worker=CPUS_PER_WORKER)
+    try:
+        pids = set()
+        for it in (1, 2):
+            fitness = factory(run_dir / f"iter-{it}" / "supernet")
+            genomes = _candidates(reference.spaces[it], 4, seed=10 + it)
+            assert fitness(genomes, BATCHES[0]) == reference.values(it, genomes, BATCHES[0])
+            assert fitness.num_evaluations == len(genomes)
+            pids |= {w["pid"] for w in fitness.stats.workers}
+            fitness.close()
+        assert len(pids) == 1  # the worker loaded the model once for both iterations
+        pool = factory.pool
+    finally:
+        factory.close()
+    assert factory.pool is None and all(slot.actor is None for slot in pool.slots)
+    assert ray.is_initialized()  # a Ray instance the factory did not start is left running
+
+
+@pytest.mark.slow
+def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tmp_path):
+    """Acceptance: `tyr run --workers 2` ends with the serial run's architecture (the same seed)."""
+    import json
+
+    from tyr.cli import main
+
+    serial_dir, _ = ray_run
+    out = tmp_path / "run-on-ray"
+    extra = ("--workers", "2", "--set", f"backend.num_cpus_per_worker={CPUS_PER_WORKER}")
+    assert main(smoke_args(tiny_assets, out, *extra)) == 0
+    # The backend is not part of the run's identity: the Ray run and the serial run share config.yaml.
+    assert (out / "config.yaml").read_text() == (serial_dir / "config.yaml").read_text()
+
+    def read(run, rel):
+        return json.loads((run / rel).read_text())
+
+    assert read(out, "final/architecture.json") == read(serial_dir, "final/architecture.json")
+    for it in (1, 2):
+        got, want = read(out, f"iter-{it}/result.json"), read(serial_dir, f"iter-{it}/result.json")
+        assert got["genome"] == want["genome"] and got["centres"] == want["centres"]
+        assert got["fitness"] == pytest.approx(want["fitness"], rel=1e-6)  # serial ran with 2 threads
+
+
+# -- Ray: fault tolerance ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_call_gives_the_same_results(ray_run, reference, pool2):
+    run_dir, cfg = ray_run
+    evaluator = RayEvaluator(cfg, run_dir, run_dir / "iter-1" / "supernet", pool=pool2)
+    genomes = _candidates(reference.spaces[1], 12, seed=3)
+    want = reference.values(1, genomes, BATCHES[0])
+    failures, restarts = pool2.stats.failures, pool2.stats.restarts
+    pool2.fault_path.touch()  # the first worker to reach its second genome SIGKILLs its own process
+    assert evaluator(genomes, BATCHES[0]) == want
+    assert not pool2.fault_path.exists()
+    assert pool2.stats.failures == failures + 1
+    assert pool2.stats.restarts == restarts + 1
+    assert evaluator(genomes, BATCHES[1]) == reference.values(1, genomes, BATCHES[1])
+
+
+@pytest.mark.slow
+def test_worker_killed_between_calls_is_replaced(ray_run, reference, pool2):
+    """os.kill of one actor's process and ray.kill of the other: both are replaced, results unchanged."""
+    ray = pytest.importorskip("ray")
+    run_dir, cfg = ray_run
+    evaluator = RayEvaluator(cfg, run_dir, run_dir / "iter-1" / "supernet", pool=pool2)
+    genomes = _candidates(reference.spaces[1], 10, seed=4)
+    want = reference.values(1, genomes, BATCHES[2])
+    assert evaluator(genomes, BATCHES[2]) == want
+    restarts = pool2.stats.restarts
+    os.kill(pool2.slots[0].info["pid"], signal.SIGKILL)
+    ray.kill(pool2.slots[1].actor, no_restart=False)
+    time.sleep(0.5)
+    assert evaluator(genomes, BATCHES[2]) == want
+    assert pool2.stats.restarts == restarts + 2
+
+
+# -- Ray: configuration errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_too_many_workers_for_the_cluster_is_refused(ray_run):
+    run_dir, cfg = ray_run
+    with pytest.raises(TyrError, match="too small"):
+        RayWorkerPool(cfg, run_dir, 3, num_cpus_per_worker=1)
+    with pytest.raises(TyrError, match="num_workers"):
+        RayWorkerPool(cfg, run_dir, 0)
+    with pytest.raises(TyrError, match="whole number"):
+        RayWorkerPool(cfg, run_dir, 1, num_gpus_per_worker=1.5)
+    with pytest.raises(TyrError, match="not a run directory"):
+        RayWorkerPool(cfg, run_dir / "iter-1", 1)
+
+
+@pytest.mark.slow
+def test_unreachable_address_fails_fast():
+    pytest.importorskip("ray")
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from search.ray_backend import connect
+        from tyr.errors import TyrError
+        for address in sys.argv[1:]:
+            t0 = time.monotonic()
+            try:
+                connect(address, verbose=False)
+            except TyrError as e:
+                print(f"TyrError {time.monotonic() - t0:.1f} {e}")
+            else:
+                print("connected")
+        """
+    )
+    addresses = ["ray://127.0.0.1:1", "127.0.0.1:1", "no-such-host.invalid:6379", "not an address"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *addresses],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(addresses), proc.stdout + proc.stderr
+    for line in lines:
+        assert line.startswith("TyrError"), line
+        assert float(line.split()[1]) < 30
+    assert "cannot reach the Ray cluster at ray://127.0.0.1:1" in lines[0]
+    assert time.monotonic() - t0 < 60
