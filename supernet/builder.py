@@ -11,6 +11,7 @@ the stored tensors in both cases, so a resumed build is bitwise identical to an 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -215,10 +216,8 @@ def _capture_inputs(proj: nn.Linear, run_module: Callable[[torch.Tensor], None],
     handle = proj.register_forward_pre_hook(hook)
     try:
         for h in hidden:
-            try:
+            with contextlib.suppress(_InputCaptured):
                 run_module(h)
-            except _InputCaptured:
-                pass
     finally:
         handle.remove()
     if len(captured) != len(hidden):
