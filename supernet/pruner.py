@@ -39,7 +39,7 @@ class PrunerOptions:
 
     damp: float = 0.01
     use_hessian: bool = True
-    use_first_order: bool = True
+    use_first_order: bool = False  # the paper's term; measured harmful on SmolLM2 (see tyr/config.py)
     num_rounds: int | None = None
 
     def __post_init__(self) -> None:

@@ -57,7 +57,9 @@ class SupernetConfig:
     accumulation: Accumulation = "expectation"
     damp: float = 0.01
     use_hessian: bool = True  # ablation switches of the local pruner (paper Table 7)
-    use_first_order: bool = True
+    # Off by default: the signed first-order term of the official code (Σ W_g ⊙ G_g, G = H·W) measurably hurts
+    # here (SmolLM2-135M, 50%, uniform structure: held-out ppl 152.4 with it, 116.2 without).
+    use_first_order: bool = False
     attn_rounds: int | None = None  # None = one head per round (paper)
     mlp_rounds: int | None = 16  # official code: channels in 16 equal rounds
     batch_size: int = 8  # sequences per forward chunk while capturing activations
