@@ -25,7 +25,7 @@ from supernet.families import ModelAdapter, find_rotary
 from supernet.ladder import Ladder
 from supernet.pruner import PrunerOptions, accumulate_hessian, prune_levels
 from supernet.store import SupernetStore
-from supernet.variant import Gene, Variant
+from supernet.variant import Variant
 
 Chunks = list[torch.Tensor]  # hidden states or projection inputs, one (B, T, d) tensor per calibration batch
 
@@ -244,6 +244,3 @@ def _causal_mask(model: nn.Module, seq_len: int, like: torch.Tensor) -> torch.Te
     mask = torch.zeros(seq_len, seq_len, dtype=like.dtype, device=like.device)
     return mask.masked_fill(blocked, torch.finfo(like.dtype).min)[None, None]
 
-
-def planned_genes(ladders: Sequence[Ladder]) -> list[Gene]:
-    return [ld.gene for ld in ladders]
