@@ -243,4 +243,3 @@ def _causal_mask(model: nn.Module, seq_len: int, like: torch.Tensor) -> torch.Te
     blocked = torch.ones(seq_len, seq_len, dtype=torch.bool, device=like.device).triu(1)
     mask = torch.zeros(seq_len, seq_len, dtype=like.dtype, device=like.device)
     return mask.masked_fill(blocked, torch.finfo(like.dtype).min)[None, None]
-
