@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from supernet.criteria import accumulate_stats, prune_by_criterion, reconstruction_errors
 from supernet.families import ModelAdapter, find_rotary
 from supernet.ladder import Ladder
-from supernet.pruner import PrunerOptions, accumulate_hessian, prune_levels
+from supernet.pruner import PrunerOptions
 from supernet.store import SupernetStore
 from supernet.variant import Variant
 
@@ -40,6 +41,7 @@ class BuildPlan:
     mlp_options: PrunerOptions = field(default_factory=lambda: PrunerOptions(num_rounds=16))
     batch_size: int = 8
     storage_dtype: torch.dtype | None = None  # None = the model's dtype
+    criterion: str = "tyr"  # supernet/criteria.py
 
 
 @dataclass
@@ -146,8 +148,8 @@ def _process_gene(
         variants = _build_gene(adapter, ladder, proj, inputs, plan, store)
         report.seconds_pruning += time.perf_counter() - t0
         report.genes_built += 1
-    weight = _propagation_weight(adapter, ladder, proj, variants, plan.accumulation)
-    return [h + F.linear(x, weight, proj.bias) for h, x in zip(hidden, inputs, strict=True)]
+    weight, bias = _propagation_weight(adapter, ladder, proj, variants, plan.accumulation)
+    return [h + F.linear(x, weight, bias) for h, x in zip(hidden, inputs, strict=True)]
 
 
 def _build_gene(
@@ -159,39 +161,48 @@ def _build_gene(
     store: SupernetStore,
 ) -> list[Variant]:
     gene = ladder.gene
-    hessian = None
+    stats = None
     for x in inputs:
-        hessian = accumulate_hessian(hessian, x)  # (d_in, d_in) fp32
+        stats = accumulate_stats(stats, x)  # H = sum X^T X (fp32), sum X and token count
     options = plan.attn_options if gene.kind == "attn" else plan.mlp_options
     group_size = adapter.group_size(gene.kind)
     removed = [ladder.removed(level) for level in ladder.levels]
-    results = prune_levels(hessian, proj.weight.T, group_size, removed, options)
+    results = prune_by_criterion(plan.criterion, stats, proj.weight.T, group_size, removed, options)
+    errors = reconstruction_errors(stats, proj.weight.T, results, group_size)
     dtype = plan.storage_dtype or proj.weight.dtype
     variants = [
         Variant(
             gene,
             level,
             ladder.sparsity(level),
-            kept.cpu().to(torch.int64),
-            w_kept.T.contiguous().to(device="cpu", dtype=dtype),
+            r.kept.cpu().to(torch.int64),
+            r.weight.T.contiguous().to(device="cpu", dtype=dtype),
             key="",
+            bias=None if r.bias is None else r.bias.to(device="cpu", dtype=dtype),
         )
-        for level, (kept, w_kept) in zip(ladder.levels, results, strict=True)
+        for level, r in zip(ladder.levels, results, strict=True)
     ]
-    params = [adapter.module_params(gene.kind, v.kept.tolist()) for v in variants]
-    store.write_gene(ladder, group_size, variants, params)
+    params = [variant_params(adapter, proj, v) for v in variants]
+    store.write_gene(ladder, group_size, variants, params, errors)
     return variants
+
+
+def variant_params(adapter: ModelAdapter, proj: nn.Linear, variant: Variant) -> int:
+    """Exact prunable parameters of the module at this variant; a compensation bias on a bias-free
+    projection (FLAP) adds d_out parameters."""
+    extra = proj.out_features if variant.bias is not None and proj.bias is None else 0
+    return adapter.module_params(variant.gene.kind, variant.kept.tolist()) + extra
 
 
 def _propagation_weight(
     adapter: ModelAdapter, ladder: Ladder, proj: nn.Linear, variants: Sequence[Variant], mode: str
-) -> torch.Tensor:
-    """The output-projection weight whose output is propagated to the next module."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output-projection weight and bias whose output is propagated to the next module."""
     if mode == "none":  # dense activations: the official code's behaviour (ALGORITHM §4 pitfall)
-        return proj.weight
+        return proj.weight, proj.bias
     sparsities = [v.sparsity for v in variants]
     weights = expectation_weights(sparsities, mode, ladder.levels)
-    return expected_weight(
+    weight = expected_weight(
         variants,
         weights,
         tuple(proj.weight.shape),
@@ -199,6 +210,22 @@ def _propagation_weight(
         proj.weight.dtype,
         proj.weight.device,
     )
+    return weight, expected_bias(variants, weights, proj)
+
+
+def expected_bias(
+    variants: Sequence[Variant], weights: Sequence[float], proj: nn.Linear
+) -> torch.Tensor | None:
+    """The dense bias plus the weighted average of the variants' compensation biases (None if neither)."""
+    if all(v.bias is None for v in variants):
+        return proj.bias
+    total = torch.zeros(proj.out_features, dtype=torch.float32, device=proj.weight.device)
+    if proj.bias is not None:
+        total += proj.bias.float()
+    for variant, w in zip(variants, weights, strict=True):
+        if variant.bias is not None and w != 0.0:
+            total += w * variant.bias.to(device=total.device, dtype=torch.float32)
+    return total.to(proj.weight.dtype)
 
 
 class _InputCaptured(Exception):

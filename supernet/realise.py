@@ -48,6 +48,10 @@ def _rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     return _linear(weight, bias, lin.weight.requires_grad)
 
 
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().clone() if t is not None else None
+
+
 def _unit_columns(kept: torch.Tensor, group: int, device: torch.device) -> torch.Tensor:
     """Flat column (or row) indices of the kept units, each unit being ``group`` consecutive indices."""
     kept = kept.to(device=device, dtype=torch.long)
@@ -56,6 +60,14 @@ def _unit_columns(kept: torch.Tensor, group: int, device: torch.device) -> torch
 
 def _fitted(variant: Variant, like: nn.Linear) -> torch.Tensor:
     return variant.weight.detach().to(device=like.weight.device, dtype=like.weight.dtype).clone()
+
+
+def _output_bias(dense_bias: torch.Tensor | None, variant: Variant, like: nn.Linear) -> torch.Tensor | None:
+    """The pruned projection's bias: the dense bias plus the variant's compensation bias (FLAP), if any."""
+    if variant.bias is None:
+        return dense_bias.detach().clone() if dense_bias is not None else None
+    extra = variant.bias.detach().to(device=like.weight.device, dtype=like.weight.dtype)
+    return extra.clone() if dense_bias is None else dense_bias.detach() + extra
 
 
 class CompactAttention(nn.Module):
@@ -99,9 +111,15 @@ class CompactAttention(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, attn: nn.Module, adapter: ModelAdapter, kept: torch.Tensor, o_weight: torch.Tensor
+        cls,
+        attn: nn.Module,
+        adapter: ModelAdapter,
+        kept: torch.Tensor,
+        o_weight: torch.Tensor,
+        o_bias: torch.Tensor | None = None,
     ) -> CompactAttention:
-        """Slice the dense HF attention ``attn`` to query heads ``kept``; ``o_weight`` becomes o_proj's weight."""
+        """Slice the dense HF attention ``attn`` to query heads ``kept``; ``o_weight`` (and ``o_bias`` if given,
+        else the dense one) become o_proj's parameters."""
         hd = adapter.head_dim
         kept_list = [int(h) for h in kept.tolist()]
         kept_kv = adapter.kept_kv_heads(kept_list)
@@ -113,8 +131,7 @@ class CompactAttention(nn.Module):
         q_rows = _unit_columns(torch.tensor(kept_list, dtype=torch.long), hd, device)
         kv_rows = _unit_columns(torch.tensor(kept_kv, dtype=torch.long), hd, device)
         o = attn.o_proj
-        o_bias = o.bias.detach().clone() if o.bias is not None else None
-        o_proj = _linear(o_weight, o_bias, o.weight.requires_grad)
+        o_proj = _linear(o_weight, o_bias if o_bias is not None else _copy(o.bias), o.weight.requires_grad)
         return cls(
             q_proj=_rows(attn.q_proj, q_rows),
             k_proj=_rows(attn.k_proj, kv_rows),
@@ -219,8 +236,10 @@ class Realiser:
             (m.gate_proj, m.up_proj, m.down_proj)
             for m in (self.adapter.layer(i).mlp for i in range(self.adapter.num_layers))
         ]
-        # masked: private copies of dense output-projection weights, taken when a gene is first overwritten
+        # masked: private copies of dense output-projection weights (and the bias parameters, possibly None),
+        # taken when a gene is first overwritten
         self._dense_out: dict[int, torch.Tensor] = {}
+        self._dense_bias: dict[int, nn.Parameter | None] = {}
 
     def _check_compact_supported(self) -> None:
         config = self.model.config
@@ -259,6 +278,7 @@ class Realiser:
         """Put the original dense model back exactly."""
         self.apply([None] * len(self.genes))
         self._dense_out.clear()
+        self._dense_bias.clear()
 
     # ----- internals --------------------------------------------------------------------------------------------
 
@@ -279,6 +299,11 @@ class Realiser:
                 or (k.numel() > 1 and bool((k[1:] <= k[:-1]).any()))
             ):
                 raise TyrError(f"gene {gene.name}: kept must be sorted unique unit indices in [0, {n_units})")
+        if variant.bias is not None and tuple(variant.bias.shape) != (self.adapter.hidden_size,):
+            raise TyrError(
+                f"gene {gene.name}: variant bias has shape {tuple(variant.bias.shape)}, "
+                f"expected ({self.adapter.hidden_size},)"
+            )
         want = (self.adapter.hidden_size, kept.numel() * self.adapter.group_size(gene.kind))
         if tuple(variant.weight.shape) != want:
             raise TyrError(
@@ -301,20 +326,28 @@ class Realiser:
             if variant is None:
                 return  # already dense
             self._dense_out[g] = lin.weight.detach().clone()
+            self._dense_bias[g] = lin.bias
+        dense_bias = self._dense_bias[g]
         if variant is None:
             lin.weight.copy_(self._dense_out[g])
+            lin.bias = dense_bias
             return
         cols = _unit_columns(variant.kept, self.adapter.group_size(gene.kind), lin.weight.device)
         lin.weight.zero_()
         lin.weight.index_copy_(1, cols, _fitted(variant, lin))
+        if variant.bias is None:
+            lin.bias = dense_bias
+        else:
+            lin.bias = nn.Parameter(_output_bias(dense_bias, variant, lin), requires_grad=False)
 
     def _swap_compact_attn(self, i: int, variant: Variant | None) -> None:
         layer, dense = self.adapter.layer(i), self._dense_attn[i]
         if variant is None:
             layer.self_attn = dense
             return
+        o = dense.o_proj
         layer.self_attn = CompactAttention.from_dense(
-            dense, self.adapter, variant.kept, _fitted(variant, dense.o_proj)
+            dense, self.adapter, variant.kept, _fitted(variant, o), _output_bias(o.bias, variant, o)
         )
 
     def _swap_compact_mlp(self, i: int, variant: Variant | None) -> None:
@@ -326,5 +359,5 @@ class Realiser:
         rows = variant.kept.to(device=gate.weight.device, dtype=torch.long)
         mlp.gate_proj = _rows(gate, rows)
         mlp.up_proj = _rows(up, rows)
-        bias = down.bias.detach().clone() if down.bias is not None else None
+        bias = _output_bias(down.bias, variant, down)
         mlp.down_proj = _linear(_fitted(variant, down), bias, down.weight.requires_grad)

@@ -31,6 +31,7 @@ class LevelEntry:
     params: int
     file: str
     sha256: str
+    error: float | None = None  # relative local reconstruction error (None in supernets built before it)
 
 
 def variant_path(gene: Gene, level: int) -> str:
@@ -102,7 +103,9 @@ class SupernetStore:
     def level_entries(self, gene: Gene) -> list[LevelEntry]:
         g = self._entry(gene)
         return [
-            LevelEntry(int(lv), e["sparsity"], tuple(e["kept"]), e["params"], e["file"], e["sha256"])
+            LevelEntry(
+                int(lv), e["sparsity"], tuple(e["kept"]), e["params"], e["file"], e["sha256"], e.get("error")
+            )
             for lv, e in ((int(k), v) for k, v in g["levels"].items())
         ]
 
@@ -111,7 +114,13 @@ class SupernetStore:
         if entry is None:
             raise TyrError(f"gene {gene.name} has no level {level} in {self.directory}")
         return LevelEntry(
-            level, entry["sparsity"], tuple(entry["kept"]), entry["params"], entry["file"], entry["sha256"]
+            level,
+            entry["sparsity"],
+            tuple(entry["kept"]),
+            entry["params"],
+            entry["file"],
+            entry["sha256"],
+            entry.get("error"),
         )
 
     def _entry(self, gene: Gene) -> dict:
@@ -120,14 +129,25 @@ class SupernetStore:
             raise TyrError(f"gene {gene.name} is not built in {self.directory}")
         return g
 
-    def write_gene(self, ladder: Ladder, group_size: int, variants: list[Variant], params: list[int]) -> None:
+    def write_gene(
+        self,
+        ladder: Ladder,
+        group_size: int,
+        variants: list[Variant],
+        params: list[int],
+        errors: list[float] | None = None,
+    ) -> None:
         """Persist all levels of one gene, then record it in the manifest (atomic, in that order)."""
         levels = {}
-        for variant, n_params in zip(variants, params, strict=True):
+        errors = errors if errors is not None else [None] * len(variants)
+        for variant, n_params, error in zip(variants, params, errors, strict=True):
             rel = variant_path(ladder.gene, variant.level)
+            tensors = {"kept": variant.kept, "weight": variant.weight}
+            if variant.bias is not None:
+                tensors["bias"] = variant.bias
             sha = atomic_write_tensors(
                 self.directory / rel,
-                {"kept": variant.kept, "weight": variant.weight},
+                tensors,
                 metadata={"gene": ladder.gene.name, "level": str(variant.level)},
             )
             levels[str(variant.level)] = {
@@ -137,6 +157,8 @@ class SupernetStore:
                 "file": rel,
                 "sha256": sha,
             }
+            if error is not None:
+                levels[str(variant.level)]["error"] = float(error)
         self._genes[ladder.gene.name] = {
             "layer": ladder.gene.layer,
             "kind": ladder.gene.kind,
@@ -200,15 +222,28 @@ class SupernetStore:
         if sha != entry.sha256:
             raise TyrError(f"variant file {path} is corrupt (sha256 mismatch); re-run the build to repair it")
         tensors = safetensors_load(data)
-        return Variant(gene, entry.level, entry.sparsity, tensors["kept"], tensors["weight"], key=sha)
+        return Variant(
+            gene,
+            entry.level,
+            entry.sparsity,
+            tensors["kept"],
+            tensors["weight"],
+            key=sha,
+            bias=tensors.get("bias"),
+        )
 
     def _remember(self, key: tuple[str, int], variant: Variant) -> None:
-        size = variant.weight.numel() * variant.weight.element_size()
+        size = _nbytes(variant)
         self._cache[key] = variant
         self._cached_bytes += size
         while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.weight.numel() * old.weight.element_size()
+            self._cached_bytes -= _nbytes(old)
+
+
+def _nbytes(variant: Variant) -> int:
+    bias = 0 if variant.bias is None else variant.bias.numel() * variant.bias.element_size()
+    return variant.weight.numel() * variant.weight.element_size() + bias
 
 
 def _read_manifest(path: Path) -> dict:

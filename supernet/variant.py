@@ -40,6 +40,7 @@ class Variant:
         weight: re-fitted output-projection columns for the kept units, (d_out, num_kept * group_size);
             group_size is head_dim for attention, 1 for MLP.
         key: identity of the variant (content hash); equal keys mean equal tensors.
+        bias: optional (d_out,) output bias added by the criterion (FLAP's compensation of removed units).
     """
 
     gene: Gene
@@ -48,3 +49,4 @@ class Variant:
     kept: torch.Tensor  # (num_kept,) int64
     weight: torch.Tensor  # (d_out, num_kept * group_size)
     key: str
+    bias: torch.Tensor | None = None  # (d_out,)

@@ -148,6 +148,7 @@ def build_plan(cfg: RunConfig, ladders: list[Ladder]) -> BuildPlan:
     return BuildPlan(
         ladders=ladders,
         accumulation=sn.accumulation,
+        criterion=sn.criterion,
         attn_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.attn_rounds),
         mlp_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.mlp_rounds),
         batch_size=sn.batch_size,
