@@ -62,6 +62,10 @@ CASES = {
     "qwen3": ({0: ([], 7), 1: ([0, 3, 4, 5], 0), 2: ([2], None)}, {"tie_word_embeddings": True}),
 }
 UNIFORM = {i: ([0, 2, 3, 5], 20) for i in range(3)}  # llama_gqa: 2 query heads on each KV head everywhere
+# FLAP compensation biases on a bias-free llama: uniform counts, yet a per-layer config (o_proj of layers 0
+# and 2 and down_proj of layer 1 gain a bias; layer 2's attention is fully pruned, only its bias remains)
+FLAP = {0: ([0, 2, 3, 5], 20), 1: ([0, 2, 3, 5], 20), 2: ([], 20)}
+FLAP_BIASES = {"0.attn", "1.mlp", "2.attn"}
 
 _LOADER = textwrap.dedent(
     """
@@ -142,8 +146,9 @@ def make_model(family: str, overrides: dict, seed: int = 0):
     return model.eval()
 
 
-def make_variants(model, layers: dict, seed: int = 0) -> list[Variant | None]:
-    """Hand-built genome: kept units per layer, 're-fitted' weights = dense columns + noise."""
+def make_variants(model, layers: dict, seed: int = 0, biases: set[str] = frozenset()) -> list[Variant | None]:
+    """Hand-built genome: kept units per layer, 're-fitted' weights = dense columns + noise; genes named in
+    `biases` get a random compensation bias (as the FLAP criterion adds)."""
     adapter = adapter_for(model)
     g = torch.Generator().manual_seed(seed)
     variants = []
@@ -161,7 +166,8 @@ def make_variants(model, layers: dict, seed: int = 0) -> list[Variant | None]:
         dense = adapter.output_proj(gene.layer, gene.kind).weight.detach()
         weight = dense[:, cols] + 0.05 * torch.randn(dense.shape[0], cols.numel(), generator=g)
         sparsity = 1 - kept.numel() / adapter.num_units(gene.kind)
-        variants.append(Variant(gene, 1, sparsity, kept, weight, key=f"{gene.name}-{seed}"))
+        bias = 0.1 * torch.randn(dense.shape[0], generator=g) if gene.name in biases else None
+        variants.append(Variant(gene, 1, sparsity, kept, weight, key=f"{gene.name}-{seed}", bias=bias))
     return variants
 
 
@@ -215,13 +221,17 @@ def exports(tmp_path_factory):
     jobs, refs = [], {}
     cases = {name: (name, layers, overrides) for name, (layers, overrides) in CASES.items()}
     cases["uniform"] = ("llama_gqa", UNIFORM, {})
+    cases["flap"] = ("llama_gqa", FLAP, {})
     for name, (family, layers, overrides) in cases.items():
         model = make_model(family, overrides)
-        variants = make_variants(model, layers)
+        variants = make_variants(model, layers, biases=FLAP_BIASES if name == "flap" else frozenset())
         out = export_model(model, variants, root / f"{name}-hf", tokenizer=char_tokenizer())
         job = {"name": f"{name}-hf", "dir": str(out), "trust": (out / "modeling_tyr.py").is_file()}
         jobs.append(job | {"ids": ids.tolist(), "prompt": PROMPT, "new": NEW_TOKENS, "full": True})
-        if name != "uniform":  # dense-masked: stock transformers (no tyr code involved) in this process
+        if name not in (
+            "uniform",
+            "flap",
+        ):  # dense-masked: stock transformers (no tyr code involved) in this process
             masked = export_model(model, variants, root / f"{name}-masked", format="dense-masked")
             stock = AutoModelForCausalLM.from_pretrained(masked).eval()
             with torch.no_grad():
@@ -284,6 +294,25 @@ def test_dense_masked_equals_hf_with_stock_transformers(exports, name):
     assert masked["params"] == exports["refs"][name]["dense_params"]
     torch.testing.assert_close(masked["logits"], torch.tensor(hf["logits"]), atol=ATOL, rtol=0)
     assert masked["tokens"] == hf["cached"]
+
+
+def test_flap_compensation_biases_round_trip(exports):
+    got, ref = exports["loaded"]["flap-hf"], exports["refs"]["flap"]
+    config = ref["config"]
+    assert config["o_proj_bias_per_layer"] == [True, False, True]
+    assert config["down_proj_bias_per_layer"] == [False, True, False]
+    assert got["class"].startswith("Tyr")  # uniform counts, but a stock config cannot hold the biases
+    torch.testing.assert_close(torch.tensor(got["logits"]), ref["logits"], atol=ATOL, rtol=0)
+    assert got["params"] == ref["params"] == ref["architecture"]["params"]["pruned"]
+    assert got["uncached"] == got["cached"] == ref["tokens"]
+
+
+def test_flap_biases_refuse_dense_masked(tmp_path):
+    model = make_model("llama_gqa", {})
+    variants = make_variants(model, FLAP, biases=FLAP_BIASES)
+    with pytest.raises(TyrError, match="--format hf"):
+        export_model(model, variants, tmp_path / "masked", format="dense-masked")
+    assert not (tmp_path / "masked").exists()
 
 
 def test_uniform_genome_gives_stock_config(exports):

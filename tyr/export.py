@@ -55,6 +55,9 @@ class LayerShape:
     kept_kv_heads: tuple[int, ...]
     kv_index: tuple[int, ...]  # per kept query head: position of its KV head among kept_kv_heads
     kept_channels: tuple[int, ...]
+    # A compensation bias (FLAP criterion) on an output projection that has none in the dense model.
+    o_bias: bool = False
+    down_bias: bool = False
 
 
 def layer_shapes(adapter: ModelAdapter, variants: Sequence[Variant | None]) -> list[LayerShape]:
@@ -74,8 +77,25 @@ def layer_shapes(adapter: ModelAdapter, variants: Sequence[Variant | None]) -> l
         kv = adapter.kept_kv_heads(heads)
         pos = {h: j for j, h in enumerate(kv)}
         index = tuple(pos[adapter.kv_head_of(h)] for h in heads)
-        shapes.append(LayerShape(heads, tuple(kv), index, _kept(mlp, adapter.intermediate_size)))
+        shapes.append(
+            LayerShape(
+                heads,
+                tuple(kv),
+                index,
+                _kept(mlp, adapter.intermediate_size),
+                o_bias=_adds_bias(attn) and not adapter.o_bias,
+                down_bias=_adds_bias(mlp) and not adapter.mlp_bias,
+            )
+        )
     return shapes
+
+
+def _adds_bias(variant: Variant | None) -> bool:
+    return variant is not None and variant.bias is not None
+
+
+def has_added_biases(shapes: Sequence[LayerShape]) -> bool:
+    return any(s.o_bias or s.down_bias for s in shapes)
 
 
 def _kept(variant: Variant | None, num_units: int) -> tuple[int, ...]:
@@ -86,6 +106,8 @@ def _kept(variant: Variant | None, num_units: int) -> tuple[int, ...]:
 
 def is_uniform(shapes: Sequence[LayerShape]) -> bool:
     """True when a stock config describes the model: same counts everywhere, even GQA groups, no empty layer."""
+    if has_added_biases(shapes):  # stock configs cannot give only some output projections a bias
+        return False
     first = shapes[0]
     n_q, n_kv, n_ch = len(first.kept_heads), len(first.kept_kv_heads), len(first.kept_channels)
     if n_q == 0 or n_ch == 0 or n_q % n_kv:
@@ -110,6 +132,7 @@ def compute_architecture(
     layers, prunable_pruned = [], 0
     for i, s in enumerate(shapes):
         prunable_pruned += adapter.attention_params(s.kept_heads) + adapter.mlp_params(len(s.kept_channels))
+        prunable_pruned += adapter.hidden_size * (int(s.o_bias) + int(s.down_bias))
         layers.append(
             {
                 "index": i,
@@ -201,6 +224,9 @@ def pruned_config(
     config["num_key_value_heads_per_layer"] = [len(s.kept_kv_heads) for s in shapes]
     config["kv_head_index_per_layer"] = [list(s.kv_index) for s in shapes]
     config["intermediate_size_per_layer"] = [len(s.kept_channels) for s in shapes]
+    if has_added_biases(shapes):
+        config["o_proj_bias_per_layer"] = [s.o_bias for s in shapes]
+        config["down_proj_bias_per_layer"] = [s.down_bias for s in shapes]
     return config, True
 
 
@@ -336,6 +362,11 @@ def export_model(
         _check_architecture(architecture, shapes)
     dtype = next(model.parameters()).dtype
     remote = False
+    if format == "dense-masked" and has_added_biases(shapes):
+        raise TyrError(
+            "this genome adds compensation biases (FLAP criterion) that the original architecture cannot hold; "
+            "export it with --format hf"
+        )
     if format == "hf":
         config, remote = pruned_config(model, adapter, shapes, dtype)
     else:

@@ -62,6 +62,12 @@ def _flag(config, flag) -> bool:
     return bool(getattr(config, flag, False)) if isinstance(flag, str) else bool(flag)
 
 
+def _layer_flag(config, key: str, layer_idx: int) -> bool:
+    """Per-layer switch of the pruned config (e.g. a compensation bias added by FLAP); absent means False."""
+    values = getattr(config, key, None)
+    return bool(values[layer_idx]) if values else False
+
+
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     """``nn.Linear`` that may have zero features (a fully pruned layer) without torch's init warning."""
     with warnings.catch_warnings():
@@ -132,7 +138,8 @@ class TyrAttention(nn.Module):
         self._rotary = module.apply_rotary_pos_emb
         self._eager = module.eager_attention_forward
 
-        qkv_bias, o_bias = _flag(config, flags["qkv"]), _flag(config, flags["o"])
+        qkv_bias = _flag(config, flags["qkv"])
+        o_bias = _flag(config, flags["o"]) or _layer_flag(config, "o_proj_bias_per_layer", layer_idx)
         q_out, kv_out = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         self.q_proj = _linear(self.hidden_size, q_out, qkv_bias)
         self.k_proj = _linear(self.hidden_size, kv_out, qkv_bias)
@@ -206,7 +213,8 @@ class TyrMLP(nn.Module):
         self.intermediate_size = int(config.intermediate_size_per_layer[layer_idx])
         self.gate_proj = _linear(self.hidden_size, self.intermediate_size, bias)
         self.up_proj = _linear(self.hidden_size, self.intermediate_size, bias)
-        self.down_proj = _linear(self.intermediate_size, self.hidden_size, bias)
+        down_bias = bias or _layer_flag(config, "down_proj_bias_per_layer", layer_idx)
+        self.down_proj = _linear(self.intermediate_size, self.hidden_size, down_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def extra_repr(self) -> str:
