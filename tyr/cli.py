@@ -22,6 +22,8 @@ _FLAG_KEYS = {
     "seed": "seed",
     "device": "model.device",
     "dtype": "model.dtype",
+    "method": "search.method",
+    "criterion": "supernet.criterion",
 }
 
 
@@ -36,6 +38,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    p.add_argument(
+        "--method",
+        help="allocation: evolution (default), uniform, owl, layer-error, random, optuna",
+    )
+    p.add_argument("--criterion", help="local pruning criterion: tyr (default), magnitude, wanda-sp, flap")
     p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
     p.add_argument(
         "--set",
@@ -101,6 +108,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tyr.report import write_report
+
+    print(f"[tyr] report: {write_report(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tyr", description="Global structural pruning of LLMs (Týr-the-Pruner)."
@@ -123,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="where a run stands: stage, generation, best fitness, time left")
     status.add_argument("run", help="run directory")
     status.set_defaults(func=cmd_status)
+    report = sub.add_parser("report", help="report.md and plots (allocation, fitness) for a run directory")
+    report.add_argument("run", help="run directory")
+    report.add_argument("--out", help="folder for report.md and plots/ (default: the run directory)")
+    report.set_defaults(func=cmd_report)
     from tyr.evaluate import add_eval_parser
     from tyr.export import add_export_parser
 

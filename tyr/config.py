@@ -20,6 +20,10 @@ from tyr.errors import TyrError
 
 Accumulation = Literal["expectation", "uniform_mean", "center", "none"]
 ACCUMULATION_MODES = ("expectation", "uniform_mean", "center", "none")
+Criterion = Literal["tyr", "magnitude", "wanda-sp", "flap"]
+Method = Literal["evolution", "uniform", "owl", "layer-error", "random", "optuna"]
+# Methods that pick an allocation once from iteration 1's supernet (no coarse-to-fine iterations).
+ONE_SHOT_METHODS = ("uniform", "owl", "layer-error")
 
 
 @dataclass
@@ -55,6 +59,9 @@ class SupernetConfig:
     min_mlp_step: int = 32
     channel_multiple: int = 32  # MLP channel counts are rounded to this multiple
     accumulation: Accumulation = "expectation"
+    # Local pruning criterion (supernet/criteria.py): tyr = second-order OBS + least-squares refit (the
+    # default); magnitude, wanda-sp and flap are the score-only baselines (flap adds a bias compensation).
+    criterion: Criterion = "tyr"
     damp: float = 0.01
     use_hessian: bool = True  # ablation switches of the local pruner (paper Table 7)
     # Off by default: the signed first-order term of the official code (Σ W_g ⊙ G_g, G = H·W) measurably hurts
@@ -70,6 +77,9 @@ class SupernetConfig:
 class SearchConfig:
     """Coarse-to-fine evolutionary search (ALGORITHM §5-6). Presets: see `tyr.schedules`."""
 
+    # evolution = the EvoPress-style search below; uniform/owl/layer-error are one-shot allocations from
+    # iteration 1's supernet; random/optuna search with as many fitness evaluations as the evolution would use.
+    method: Method = "evolution"
     num_iterations: int = 2
     generations: list[int] = field(default_factory=lambda: [6, 4])  # per iteration
     num_offspring: int = 16
@@ -82,6 +92,8 @@ class SearchConfig:
     realisation: Literal["compact", "masked"] = "compact"
     batch_size: int = 8  # sequences per forward pass during fitness evaluation
     max_level_distance: int | None = None
+    owl_lambda: float = 0.08  # OWL: layer sparsities spread over [s - lambda, s + lambda]
+    owl_threshold: float = 5.0  # OWL: a score is an outlier above threshold x its layer's mean score
 
 
 @dataclass
@@ -116,6 +128,8 @@ class RunConfig:
         sn = self.supernet
         if sn.num_levels < 1 or sn.num_levels % 2 == 0:
             raise TyrError(f"supernet.num_levels must be a positive odd number, got {sn.num_levels}")
+        if not (0.0 <= self.search.owl_lambda < 1.0) or self.search.owl_threshold <= 0:
+            raise TyrError("search.owl_lambda must be in [0, 1) and search.owl_threshold > 0")
         if sn.accumulation not in ACCUMULATION_MODES:
             raise TyrError(f"supernet.accumulation must be one of {', '.join(ACCUMULATION_MODES)}")
         for name in ("attn_step", "mlp_step"):
@@ -147,6 +161,11 @@ class RunConfig:
         for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
             if getattr(se, name) < 1:
                 raise TyrError(f"search.{name} must be >= 1, got {getattr(se, name)}")
+        if se.method not in ("evolution", "uniform") and se.budget != "per_type":
+            raise TyrError(
+                f"search.method={se.method} allocates under search.budget=per_type only (it holds each module "
+                "type's unit count exactly); set search.budget=per_type or use method evolution"
+            )
         tokens = self.data.num_sequences * self.data.seq_len
         if se.stages and max(st[1] for st in se.stages) > tokens:
             raise TyrError(

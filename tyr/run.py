@@ -22,8 +22,8 @@ from search.space import Budget, GeneLadder, SearchSpace
 from search.state import evolve
 from supernet.store import SupernetStore
 from supernet.variant import genes_of
-from tyr import pipeline
-from tyr.config import RunConfig, dump_yaml
+from tyr import methods, pipeline
+from tyr.config import ONE_SHOT_METHODS, RunConfig, dump_yaml
 from tyr.data import TextSource, evaluation_tokens
 from tyr.errors import TyrError
 from tyr.io import atomic_write_json, sha256_tensor, sha256_text
@@ -48,12 +48,17 @@ def run(
     centres = pipeline.uniform_centres(session.adapter, cfg)
     result = None
     try:
-        for iteration in range(1, cfg.search.num_iterations + 1):
+        for iteration in range(1, num_iterations(cfg) + 1):
             result = run_iteration(session, targets, run_dir, iteration, centres, make_evaluator, progress)
             centres = result.centres
     finally:
         close_backend()
     return finalise(session, run_dir, result, progress)
+
+
+def num_iterations(cfg: RunConfig) -> int:
+    """One-shot methods pick their allocation from iteration 1's supernet; the others refine coarse to fine."""
+    return 1 if cfg.search.method in ONE_SHOT_METHODS else cfg.search.num_iterations
 
 
 def fitness_backend(
@@ -138,6 +143,18 @@ def run_iteration(
     )
     space = search_space(session, store)
     cfg = session.cfg
+    if cfg.search.method != "evolution":
+        allocation = methods.allocate(
+            session,
+            store,
+            space,
+            iteration,
+            it_dir,
+            make_evaluator,
+            lambda generations: evolution_config(cfg, generations),
+            _log,
+        )
+        return _save_result(session, store, result_path, iteration, allocation)
     evaluator = make_evaluator(store)
     start = tuple(0 for _ in space.genes)
     num_generations = cfg.search.generations[iteration - 1]
@@ -161,23 +178,51 @@ def run_iteration(
         )
     finally:
         evaluator.close()  # the next supernet is built from the dense model
-    genome = tuple(state.parent)
+    allocation = methods.Allocation(
+        tuple(state.parent),
+        state.parent_fitness,
+        _history_evaluations(it_dir / "search" / "history.jsonl"),
+        state.generation,
+    )
+    return _save_result(session, store, result_path, iteration, allocation)
+
+
+def _save_result(
+    session: pipeline.Session,
+    store: SupernetStore,
+    path: Path,
+    iteration: int,
+    allocation: methods.Allocation,
+) -> IterationResult:
+    genome = allocation.genome
     chosen = [
         store.ladder(g).removed(lv)
         for g, lv in zip(genes_of(session.adapter.num_layers), genome, strict=True)
     ]
-    result = IterationResult(iteration, genome, state.parent_fitness, chosen)
     atomic_write_json(
-        result_path,
+        path,
         {
             "iteration": iteration,
+            "method": session.cfg.search.method,
             "genome": list(genome),
-            "fitness": state.parent_fitness,
+            "fitness": allocation.fitness,
             "centres": chosen,
-            "generations": state.generation,
+            "generations": allocation.generations,
+            "evaluations": allocation.evaluations,
         },
     )
-    return result
+    return IterationResult(iteration, genome, allocation.fitness, chosen)
+
+
+def _history_evaluations(path: Path) -> int:
+    """Fitness evaluations recorded in a search's history.jsonl."""
+    if not path.is_file():
+        return 0
+    return sum(json.loads(line)["num_evaluations"] for line in path.read_text().splitlines() if line.strip())
+
+
+def _result_evaluations(it_dir: Path) -> int:
+    return int(json.loads((it_dir / "result.json").read_text()).get("evaluations", 0))
 
 
 def _read_result(path: Path) -> IterationResult:
@@ -222,6 +267,8 @@ def target_budget(session: pipeline.Session, ladders: list[GeneLadder]) -> Budge
         kept = adapter.num_units(gene.kind) - removed
         units[gene.kind] += kept
         max_params += pipeline.max_module_params(adapter, gene.kind, kept)
+    if cfg.supernet.criterion == "flap":  # each pruned module may gain a d_out compensation bias
+        max_params += adapter.hidden_size * len(centres)
     if cfg.search.budget == "joint":
         return Budget("joint", max_params, None)
     return Budget("per_type", max_params, units)
@@ -276,6 +323,11 @@ def finalise(session: pipeline.Session, run_dir: Path, result: IterationResult, 
     bs = cfg.search.batch_size
     values, indices = compute_teacher_targets(session.model, eval_tokens, cfg.search.topk, batch_size=bs)
     metrics = {
+        "method": cfg.search.method,
+        "criterion": cfg.supernet.criterion,
+        "evaluations": sum(
+            _result_evaluations(run_dir / f"iter-{i}") for i in range(1, result.iteration + 1)
+        ),
         "eval_data": cfg.data.eval,
         "eval_tokens": int(eval_tokens.numel()),
         "topk": cfg.search.topk,
