@@ -61,3 +61,9 @@ def test_ray_variant_differs_only_in_backend():
 def test_70b_workers_span_several_gpus():
     b = resolve_config(str(CONFIGS / "llama31-70b-50.yaml"), []).backend
     assert b.kind == "ray" and b.num_gpus_per_worker == 4
+
+
+def test_paper_configs_stream_a_capped_calibration_source():
+    for name in PAPER:
+        cfg = resolve_config(str(CONFIGS / name), [])
+        assert cfg.data.max_source_tokens == 4 * 4_194_304

@@ -48,6 +48,9 @@ class DataConfig:
     num_sequences: int = 64  # calibration sequences
     seq_len: int = 512
     num_eval_sequences: int | None = None  # None = every full window of the eval data
+    # Read at most this many tokens of the calibration source (hub datasets are then streamed, so only that
+    # much is downloaded); the calibration windows are drawn from them. None = the whole source.
+    max_source_tokens: int | None = None
 
 
 @dataclass
@@ -142,6 +145,12 @@ class RunConfig:
             raise TyrError(f"supernet.damp must be >= 0, got {sn.damp}")
         if self.data.num_sequences < 1 or self.data.seq_len < 2:
             raise TyrError("data.num_sequences must be >= 1 and data.seq_len >= 2")
+        needed = self.data.num_sequences * self.data.seq_len
+        if self.data.max_source_tokens is not None and self.data.max_source_tokens < needed:
+            raise TyrError(
+                f"data.max_source_tokens={self.data.max_source_tokens} is below the {needed} calibration tokens "
+                "asked for (data.num_sequences x data.seq_len)"
+            )
         self._validate_search()
         b = self.backend
         if b.num_workers < 1 or b.num_cpus_per_worker < 0 or b.num_gpus_per_worker < 0 or b.max_retries < 0:

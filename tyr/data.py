@@ -8,7 +8,9 @@ evaluation takes the windows in order. Both are deterministic for a given seed.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,15 @@ def builtin_corpus_path(alias: str) -> Path:
 
 def load_texts(source: TextSource) -> list[str]:
     """Return the non-empty documents of a source, in a stable order."""
+    texts = list(iter_texts(source))
+    if not texts:
+        raise TyrError(f"data {source.name!r} holds no text")
+    return texts
+
+
+def iter_texts(source: TextSource, streaming: bool = False) -> Iterator[str]:
+    """The non-empty documents of a source, in a stable order; `streaming` reads hub datasets lazily
+    (only as much as is consumed is downloaded)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -74,18 +85,30 @@ def load_texts(source: TextSource) -> list[str]:
             kwargs = {"encoding": encoding, "encoding_errors": "replace"} if loader == "text" else {}
             ds = datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
         else:
-            ds = datasets.load_dataset(source.name, source.config, split=split)
+            ds = datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         raise TyrError(f"cannot load data {source.name!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(ds, datasets.IterableDataset):
+        return _iter_streamed(ds, source)
     if source.text_field not in ds.column_names:
-        raise TyrError(
-            f"data {source.name!r} has no column {source.text_field!r} (columns: {', '.join(ds.column_names)}); "
-            "set data.text_field"
-        )
-    texts = [t for t in ds[source.text_field] if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise TyrError(f"data {source.name!r} holds no text")
-    return texts
+        raise TyrError(_missing_column(source, ds.column_names))
+    return (t for t in ds[source.text_field] if isinstance(t, str) and t.strip())
+
+
+def _iter_streamed(ds, source: TextSource) -> Iterator[str]:
+    for row in ds:
+        if source.text_field not in row:
+            raise TyrError(_missing_column(source, list(row)))
+        text = row[source.text_field]
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def _missing_column(source: TextSource, columns: list[str]) -> str:
+    return (
+        f"data {source.name!r} has no column {source.text_field!r} (columns: {', '.join(columns)}); "
+        "set data.text_field"
+    )
 
 
 def _local_files(path: Path) -> tuple[list[str], str]:
@@ -104,16 +127,22 @@ def _local_files(path: Path) -> tuple[list[str], str]:
     return [str(p) for p in files], loaders.pop()
 
 
-def token_stream(texts: list[str], tokenizer, docs_per_chunk: int = 256) -> torch.Tensor:
+def token_stream(
+    texts: Iterable[str], tokenizer, docs_per_chunk: int = 256, max_tokens: int | None = None
+) -> torch.Tensor:
     """Tokenise the documents joined by newlines into one int64 stream (no special tokens).
 
-    Documents are tokenised in newline-joined chunks so that huge corpora need not become one string.
+    Documents are tokenised in newline-joined chunks so that huge corpora need not become one string; with
+    `max_tokens`, reading stops (and the stream is cut) once that many tokens are collected.
     """
-    chunks = ["\n".join(texts[i : i + docs_per_chunk]) + "\n" for i in range(0, len(texts), docs_per_chunk)]
     ids: list[int] = []
-    for encoded in tokenizer(chunks, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-    return torch.tensor(ids, dtype=torch.int64)
+    docs = iter(texts)
+    while max_tokens is None or len(ids) < max_tokens:
+        chunk = list(itertools.islice(docs, docs_per_chunk))
+        if not chunk:
+            break
+        ids.extend(tokenizer("\n".join(chunk) + "\n", add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.int64)
 
 
 def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -123,14 +152,29 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def calibration_tokens(
-    source: TextSource, tokenizer, num_sequences: int, seq_len: int, seed: int
+    source: TextSource,
+    tokenizer,
+    num_sequences: int,
+    seq_len: int,
+    seed: int,
+    max_source_tokens: int | None = None,
 ) -> torch.Tensor:
-    """A seeded random subset of the corpus windows, (num_sequences, seq_len)."""
-    all_windows = windows(token_stream(load_texts(source), tokenizer), seq_len)
+    """A seeded random subset of the corpus windows, (num_sequences, seq_len).
+
+    With `max_source_tokens`, only the first that many tokens of the source are read (hub datasets are
+    streamed), so a multi-billion-token corpus costs what the calibration set needs, not a full download.
+    """
+    if max_source_tokens is None:
+        texts = load_texts(source)
+    else:
+        texts = iter_texts(source, streaming=True)
+    all_windows = windows(token_stream(texts, tokenizer, max_tokens=max_source_tokens), seq_len)
     if all_windows.shape[0] < num_sequences:
+        read = "" if max_source_tokens is None else f" in its first {max_source_tokens} tokens"
         raise TyrError(
-            f"data {source.name!r} has {all_windows.shape[0]} windows of {seq_len} tokens, "
+            f"data {source.name!r} has {all_windows.shape[0]} windows of {seq_len} tokens{read}, "
             f"but {num_sequences} calibration sequences were asked for; lower data.num_sequences or data.seq_len"
+            + ("" if max_source_tokens is None else ", or raise data.max_source_tokens")
         )
     order = np.random.default_rng(seed).permutation(all_windows.shape[0])[:num_sequences]
     return all_windows[torch.from_numpy(np.sort(order))].clone()

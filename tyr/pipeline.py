@@ -98,7 +98,9 @@ def open_session(cfg: RunConfig, progress: bool = True) -> Session:
     source = TextSource(
         cfg.data.calibration, cfg.data.calibration_config, cfg.data.calibration_split, cfg.data.text_field
     )
-    tokens = calibration_tokens(source, tokenizer, cfg.data.num_sequences, cfg.data.seq_len, cfg.seed)
+    tokens = calibration_tokens(
+        source, tokenizer, cfg.data.num_sequences, cfg.data.seq_len, cfg.seed, cfg.data.max_source_tokens
+    )
     return Session(cfg, resolved, model, tokenizer, adapter, tokens, device)
 
 
