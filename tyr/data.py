@@ -164,10 +164,7 @@ def calibration_tokens(
     With `max_source_tokens`, only the first that many tokens of the source are read (hub datasets are
     streamed), so a multi-billion-token corpus costs what the calibration set needs, not a full download.
     """
-    if max_source_tokens is None:
-        texts = load_texts(source)
-    else:
-        texts = iter_texts(source, streaming=True)
+    texts = load_texts(source) if max_source_tokens is None else iter_texts(source, streaming=True)
     all_windows = windows(token_stream(texts, tokenizer, max_tokens=max_source_tokens), seq_len)
     if all_windows.shape[0] < num_sequences:
         read = "" if max_source_tokens is None else f" in its first {max_source_tokens} tokens"
