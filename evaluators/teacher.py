@@ -27,7 +27,7 @@ from evaluators.kl import (
     model_device,
 )
 from tyr.errors import TyrError
-from tyr.io import atomic_write_json, atomic_write_tensors, sha256_file, sha256_tensor
+from tyr.io import StreamingTensorFile, atomic_write_json, atomic_write_tensors, sha256_file, sha256_tensor
 
 FORMAT = "tyr-teacher-targets"
 FORMAT_VERSION = 1
@@ -56,6 +56,15 @@ def _topk_batch(base, head, ids: torch.Tensor, k: int, logit_budget: int):
     return vals.reshape(b, t, k), idxs.reshape(b, t, k)
 
 
+def _check_k(k: int, vocab: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise TyrError(f"teacher top-k must be a positive integer, got {k!r}")
+    if k > vocab:
+        raise TyrError(
+            f"teacher top-k = {k} exceeds the model's vocabulary size {vocab}; choose k <= {vocab}"
+        )
+
+
 def compute_teacher_targets(
     model,
     tokens: torch.Tensor,
@@ -72,12 +81,7 @@ def compute_teacher_targets(
     """
     base, head = base_and_head(model)
     vocab = int(head.weight.shape[0])
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise TyrError(f"teacher top-k must be a positive integer, got {k!r}")
-    if k > vocab:
-        raise TyrError(
-            f"teacher top-k = {k} exceeds the model's vocabulary size {vocab}; choose k <= {vocab}"
-        )
+    _check_k(k, vocab)
     tokens = check_tokens(tokens, vocab)
     n, t = tokens.shape
     device = model_device(model)
@@ -123,8 +127,12 @@ def save_teacher_targets(
         {"values": values.to(VALUES_DTYPE), "indices": indices.to(INDICES_DTYPE)},
         metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
     )
-    full_meta = dict(meta or {})
-    full_meta.update(
+    _write_meta(directory, dict(meta or {}), n, t, k, file_sha)
+
+
+def _write_meta(directory: Path, meta: dict[str, Any], n: int, t: int, k: int, file_sha: str) -> None:
+    """meta.json (written last: its presence marks a complete directory); format fields win over caller keys."""
+    meta.update(
         format=FORMAT,
         format_version=FORMAT_VERSION,
         k=k,
@@ -136,7 +144,7 @@ def save_teacher_targets(
         targets_sha256=file_sha,
     )
     try:
-        atomic_write_json(directory / META_FILE, full_meta)
+        atomic_write_json(directory / META_FILE, meta)
     except TypeError as exc:
         raise TyrError(f"teacher-target metadata must be JSON-serialisable: {exc}") from exc
 
@@ -149,19 +157,44 @@ def compute_and_save_teacher_targets(
     batch_size: int = 4,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    logit_budget: int = DEFAULT_LOGIT_BUDGET,
 ) -> TeacherTargets:
-    """Compute top-K targets batch by batch and write them to `directory`; returns the opened targets.
+    """Compute top-K targets batch by batch, streaming each batch into `directory`; returns the opened targets.
 
-    The results are accumulated in memory (N*T*K*6 bytes) and written as one file at the end; a
-    streaming writer can replace this later without changing the on-disk format.  ``tokens_sha256``
-    is added to the metadata (unless the caller supplied one) so readers can check their tokens.
+    Memory holds one batch of targets, never the whole N*T*K*6 bytes (206 GB at the paper's setting): the file
+    is written in place in a temporary file and renamed when complete, then meta.json is written. The bytes
+    equal those of :func:`save_teacher_targets` for the same targets. ``tokens_sha256`` is added to the
+    metadata (unless the caller supplied one) so readers can check their tokens.
     """
     tokens = check_tokens(tokens)
-    values, indices = compute_teacher_targets(model, tokens, k, batch_size=batch_size, progress=progress)
+    base, head = base_and_head(model)
+    vocab = int(head.weight.shape[0])
+    _check_k(k, vocab)
+    tokens = check_tokens(tokens, vocab)
+    n, t = tokens.shape
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)  # never describe a half-written targets file
+    writer = StreamingTensorFile(
+        directory / TARGETS_FILE,
+        {"values": (VALUES_DTYPE, (n, t, k)), "indices": (INDICES_DTYPE, (n, t, k))},
+        metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
+    )
+    device = model_device(model)
+    try:
+        with torch.inference_mode():
+            for s, e in iter_batches(n, batch_size, progress, "teacher top-k"):
+                v, i = _topk_batch(base, head, tokens[s:e].to(device), k, logit_budget)
+                writer.write_rows("values", s, v.cpu())
+                writer.write_rows("indices", s, i.cpu())
+        file_sha = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
     full_meta = dict(meta or {})
     full_meta.setdefault("tokens_sha256", sha256_tensor(tokens))
-    full_meta.setdefault("vocab_size", int(base_and_head(model)[1].weight.shape[0]))
-    save_teacher_targets(directory, values, indices, full_meta)
+    full_meta.setdefault("vocab_size", vocab)
+    _write_meta(directory, full_meta, n, t, k, file_sha)
     return TeacherTargets.open(directory)
 
 

@@ -280,3 +280,23 @@ def test_evaluators_do_not_import_search():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] != "search", f"{path.name} imports {name}"
+
+
+def test_streamed_targets_equal_the_in_memory_ones_byte_for_byte(tmp_path):
+    from evaluators.teacher import (
+        compute_and_save_teacher_targets,
+        compute_teacher_targets,
+        save_teacher_targets,
+    )
+    from tests.tiny import random_tokens, tiny_model
+
+    model = tiny_model("llama_gqa", num_layers=2)
+    tokens = random_tokens(5, 9)
+    streamed = compute_and_save_teacher_targets(model, tokens, 7, tmp_path / "streamed", batch_size=2)
+    values, indices = compute_teacher_targets(model, tokens, 7, batch_size=3)
+    save_teacher_targets(tmp_path / "memory", values, indices, dict(streamed.meta))
+    for name in ("targets.safetensors", "meta.json"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "memory" / name).read_bytes()
+    got_v, got_i = streamed.get([4, 0, 1])
+    assert torch.equal(got_v, values[[4, 0, 1]]) and torch.equal(got_i, indices[[4, 0, 1]])
+    assert not list((tmp_path / "streamed").glob(".*tmp"))  # no temporary file left behind

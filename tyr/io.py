@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -34,25 +35,94 @@ def safetensors_bytes(
     The `safetensors` package writes its JSON header from a hash map, so the same tensors can give different
     bytes; resume checks compare files byte for byte, so we lay the (simple, documented) format out ourselves.
     """
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    header, _ = safetensors_header({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
+    blobs = [
+        tensors[n].view(torch.uint8).numpy().tobytes() if tensors[n].numel() else b"" for n in sorted(tensors)
+    ]
+    return header + b"".join(blobs)
+
+
+def safetensors_header(
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, int]]:
+    """(length-prefixed padded header, byte offset of each tensor's data in the file) for sorted tensors."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"unsupported dtype {t.dtype} for {name}")
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    offsets, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype} for {name}")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
         }
-        blobs.append(data)
-        offset += len(data)
+        offsets[name] = offset
+        offset += size
     text = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    prefix = len(text).to_bytes(8, "little") + text
+    return prefix, {name: len(prefix) + off for name, off in offsets.items()}
+
+
+class StreamingTensorFile:
+    """A safetensors file written piecewise (rows of its tensors in any order), then committed atomically.
+
+    For outputs larger than memory (teacher targets at paper scale): the file is laid out up front in a
+    temporary file next to `path`; `commit` fsyncs and renames it and returns its sha256. The bytes equal
+    what `atomic_write_tensors` would write for the same tensors.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._specs = dict(specs)
+        header, self._offsets = safetensors_header(self._specs, metadata)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.chmod(self._tmp, 0o666 & ~_UMASK)
+        self._file = os.fdopen(fd, "w+b")
+        self._file.write(header)
+        total = sum(
+            math.prod(shape) * torch.empty((), dtype=dt).element_size() for dt, shape in specs.values()
+        )
+        self._file.truncate(len(header) + total)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write `rows` as rows start, start+1, ... (along dim 0) of tensor `name`."""
+        dtype, shape = self._specs[name]
+        if (
+            rows.dtype != dtype
+            or tuple(rows.shape[1:]) != tuple(shape[1:])
+            or start + rows.shape[0] > shape[0]
+        ):
+            raise ValueError(
+                f"rows {rows.dtype}{list(rows.shape)} at {start} do not fit {name} {dtype}{list(shape)}"
+            )
+        row_bytes = math.prod(shape[1:]) * rows.element_size()
+        self._file.seek(self._offsets[name] + start * row_bytes)
+        self._file.write(rows.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+
+    def commit(self) -> str:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return sha256_file(self.path)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        Path(self._tmp).unlink(missing_ok=True)
 
 
 def _current_umask() -> int:
