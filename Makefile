@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
 
 demo: setup
 	$(BIN)/tyr run configs/demo.yaml --out runs/demo
+	$(BIN)/tyr report runs/demo
 
 test: setup
 	$(BIN)/python -m pytest
@@ -28,7 +29,8 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python benchmarks/accumulation.py
+	$(BIN)/python -m benchmarks.accumulation
+	$(BIN)/python -m benchmarks.compare
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

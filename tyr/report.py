@@ -403,6 +403,7 @@ def _metrics(metrics: dict | None) -> str:
 
 def _iterations(files: RunFiles, fitness_plot: str | None) -> str:
     rows = []
+    sampled = method_of(files.config) in ("random", "optuna")  # history lines are batches of trials
     for it in files.iterations:
         if it.status.startswith("not needed"):
             rows.append([str(it.index), it.status, "—", "—", "—", "—"])
@@ -412,13 +413,16 @@ def _iterations(files: RunFiles, fitness_plot: str | None) -> str:
             [
                 str(it.index),
                 status,
-                f"{it.generations_done} / {it.planned_generations}",
+                f"{it.generations_done} batches"
+                if sampled
+                else f"{it.generations_done} / {it.planned_generations}",
                 str(it.evaluations),
                 format_kl(it.best_fitness),
                 _duration(it.seconds),
             ]
         )
-    header = ["iteration", "status", "generations", "evaluations", "best KL", "search wall time"]
+    steps = "trial batches" if sampled else "generations"
+    header = ["iteration", "status", steps, "evaluations", "best KL", "search wall time"]
     text = "## Iterations\n\n" + _table(header, rows)
     if fitness_plot:
         text += (
