@@ -1,6 +1,7 @@
 """Sampler baselines: random search and Optuna (TPE) over per-gene ladder positions, projected onto the budget.
 
-Each trial proposes a fractional ladder position per gene; :func:`search.baselines.project_units` turns it
+The first trial is the start genome (every gene at its ladder centre); each further trial proposes a
+fractional ladder position per gene; :func:`search.baselines.project_units` turns it
 into the nearest feasible genome (exact per-type unit counts), which is scored on one fixed calibration batch.
 Both samplers run through an Optuna study stored in a journal file, so a killed search resumes where it
 stopped: trials left RUNNING by the killed process are marked FAILED and redone, and the sampler is re-seeded
@@ -78,6 +79,10 @@ def sampled_search(
     batch = len(_completed(optuna, study)) // batch_size  # whole batches only: trials are told per batch
     while (done := len(_completed(optuna, study))) < num_evaluations:
         t0 = time.perf_counter()
+        if done == 0 and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            # the first trial is the start (ladder centres), so the best is never worse than not searching,
+            # as the evolution's parent guarantees for it
+            study.enqueue_trial({name: 0.0 for name in distributions})
         study.sampler = _sampler(optuna, sampler, seed, done)
         trials = [study.ask(distributions) for _ in range(min(batch_size, num_evaluations - done))]
         genomes = [_genome(space, trial.params) for trial in trials]

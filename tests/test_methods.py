@@ -152,6 +152,14 @@ def test_sampled_search_uses_the_stated_evaluations_and_resumes_exactly(tmp_path
         )
 
 
+def test_sampled_search_scores_the_start_first(tmp_path):
+    def centre_is_best(genomes, indices):
+        return [float(sum(abs(v) for v in g)) for g in genomes]
+
+    result = _search(tmp_path, centre_is_best, "random", "centre", evaluations=10)
+    assert result.genome == (0,) * make_space().num_genes and result.fitness == 0.0
+
+
 def test_tpe_beats_random_on_a_smooth_fitness(tmp_path):
     tpe = _search(tmp_path, CountingFitness(), "tpe", "tpe", evaluations=120)
     rnd = _search(tmp_path, CountingFitness(), "random", "rnd", evaluations=120)
