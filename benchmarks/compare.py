@@ -69,17 +69,18 @@ def one_run(
         ],
     )
     run_dir = out / f"s{int(round(sparsity * 100))}-{criterion}-{method}"
-    finished = (run_dir / "final" / "metrics.json").is_file()
-    pipeline.open_run_dir(run_dir, cfg, force=False)
-    if donor is not None:
-        share_from(donor, run_dir)
-    t0 = time.perf_counter()
-    metrics = run(cfg, run_dir, progress=False)
-    seconds = time.perf_counter() - t0
     timing_path = run_dir / "benchmark_seconds.json"
-    if finished and timing_path.is_file():  # a resumed benchmark keeps the time of the run that did the work
+    metrics_path = run_dir / "final" / "metrics.json"
+    if metrics_path.is_file() and timing_path.is_file():  # finished earlier: report it as it was measured
+        metrics = json.loads(metrics_path.read_text())
         seconds = json.loads(timing_path.read_text())["seconds"]
     else:
+        pipeline.open_run_dir(run_dir, cfg, force=False)
+        if donor is not None:
+            share_from(donor, run_dir)
+        t0 = time.perf_counter()
+        metrics = run(cfg, run_dir, progress=False)
+        seconds = time.perf_counter() - t0
         timing_path.write_text(json.dumps({"seconds": seconds}))
     return {
         "sparsity": sparsity,

@@ -66,6 +66,12 @@ def _config_difference(path: Path, cfg: RunConfig) -> str:
 
     old = yaml.safe_load(path.read_text()) or {}
     new = identity_dict(cfg)
+    missing = _missing_keys(old, new)
+    if missing:
+        return (
+            f"it was written by another version of Tyr, without the setting(s) {', '.join(missing)}; finish it "
+            "with that version"
+        )
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -75,6 +81,17 @@ def _config_difference(path: Path, cfg: RunConfig) -> str:
         elif a != b:
             return f"{section}: {a!r} there vs {b!r} now"
     return "formatting"
+
+
+def _missing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys of the current config that a stored config lacks (it came from an older Tyr)."""
+    out = []
+    for key, value in new.items():
+        if key not in old:
+            out.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(old[key], dict):
+            out += _missing_keys(old[key], value, f"{prefix}{key}.")
+    return out
 
 
 def open_session(cfg: RunConfig, progress: bool = True) -> Session:
