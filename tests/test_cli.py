@@ -110,3 +110,16 @@ def test_run_end_to_end_and_corrupt_state(capsys, tmp_path, tiny_assets):
     (out / "iter-2" / "result.json").unlink()
     (out / "iter-2" / "search" / "state.json").write_text("{not json")
     _fails(capsys, smoke_args(tiny_assets, out), "state")
+
+
+def test_run_from_another_tyr_version_names_the_missing_settings(capsys, tmp_path, tiny_assets):
+    import yaml
+
+    from tyr.config import dump_yaml, resolve_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = yaml.safe_load(dump_yaml(resolve_config(None, ["schedule=smoke"])))
+    del cfg["search"]["method"]  # as written before `search.method` existed
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _fails(capsys, smoke_args(tiny_assets, out), "another version of Tyr", "search.method")
