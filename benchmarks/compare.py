@@ -6,8 +6,9 @@ top-512 KL) at one sparsity, with one `search.method` and one `supernet.criterio
 (sparsity, criterion) share the teacher targets and iteration 1's supernet (hard links), as they would be
 identical; the run that built them is listed first and its wall time includes the build.
 
-Grids: `cross` (default) = every method with the tyr criterion, plus uniform and evolution for every other
-criterion; `full` = every method x every criterion.
+Grids: `cross` (default) = `methods` (every method with the tyr criterion) + `criteria` (uniform and evolution
+for every other criterion); `full` = every method x every criterion; `criteria-uniform` = the other criteria
+with the uniform allocation only.
 
     python -m benchmarks.compare [--sparsities 0.5,0.25] [--grid cross|full] [--out runs/compare] [--set k=v ...]
     python -m benchmarks.compare --table     # rewrite compare.md from compare.json, run nothing
@@ -35,9 +36,16 @@ CRITERIA = ("tyr", "magnitude", "wanda-sp", "flap")
 
 def grid(kind: str) -> list[tuple[str, str]]:
     """(criterion, method) pairs; the first of each criterion (uniform, the quickest) builds the shared supernet."""
-    if kind == "full":
-        return [(c, m) for c in CRITERIA for m in METHODS]
-    return [("tyr", m) for m in METHODS] + [(c, m) for c in CRITERIA[1:] for m in ("uniform", "evolution")]
+    methods = [("tyr", m) for m in METHODS]
+    criteria = [(c, m) for c in CRITERIA[1:] for m in ("uniform", "evolution")]
+    grids = {
+        "full": [(c, m) for c in CRITERIA for m in METHODS],
+        "cross": methods + criteria,
+        "methods": methods,
+        "criteria": criteria,
+        "criteria-uniform": [(c, "uniform") for c in CRITERIA[1:]],
+    }
+    return grids[kind]
 
 
 def share_from(donor: Path, run_dir: Path) -> None:
@@ -129,7 +137,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sparsities", default="0.5,0.25")
-    parser.add_argument("--grid", choices=("cross", "full"), default="cross")
+    parser.add_argument(
+        "--grid", choices=("cross", "full", "methods", "criteria", "criteria-uniform"), default="cross"
+    )
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--table", action="store_true", help="only rewrite compare.md from compare.json")
