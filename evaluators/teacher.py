@@ -79,21 +79,26 @@ def compute_teacher_targets(
     Runs batch by batch on the model's device; the vocabulary projection is split by position so
     one logit block stays under `logit_budget` elements.  Results are held in memory: N*T*K*6 bytes.
     """
-    base, head = base_and_head(model)
-    vocab = int(head.weight.shape[0])
-    _check_k(k, vocab)
-    tokens = check_tokens(tokens, vocab)
-    n, t = tokens.shape
-    device = model_device(model)
+    n, t = check_tokens(tokens).shape
     # Allocated outside inference mode so callers get ordinary (mutable) tensors.
     values = torch.empty((n, t, k), dtype=VALUES_DTYPE)
     indices = torch.empty((n, t, k), dtype=INDICES_DTYPE)
-    with torch.inference_mode():
-        for s, e in iter_batches(n, batch_size, progress, "teacher top-k"):
-            v, i = _topk_batch(base, head, tokens[s:e].to(device), k, logit_budget)
-            values[s:e] = v.cpu()
-            indices[s:e] = i.cpu()
+    for s, e, v, i in _iter_topk(model, tokens, k, batch_size, progress, logit_budget):
+        values[s:e] = v
+        indices[s:e] = i
     return values, indices
+
+
+def _iter_topk(model, tokens: torch.Tensor, k: int, batch_size: int, progress: bool, logit_budget: int):
+    """Validate, then yield ``(start, end, values, indices)`` per batch of sequences, on the CPU."""
+    base, head = base_and_head(model)
+    _check_k(k, int(head.weight.shape[0]))
+    tokens = check_tokens(tokens, int(head.weight.shape[0]))
+    device = model_device(model)
+    for s, e in iter_batches(tokens.shape[0], batch_size, progress, "teacher top-k"):
+        with torch.inference_mode():
+            v, i = _topk_batch(base, head, tokens[s:e].to(device), k, logit_budget)
+        yield s, e, v.cpu(), i.cpu()
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -166,10 +171,8 @@ def compute_and_save_teacher_targets(
     equal those of :func:`save_teacher_targets` for the same targets. ``tokens_sha256`` is added to the
     metadata (unless the caller supplied one) so readers can check their tokens.
     """
-    tokens = check_tokens(tokens)
-    base, head = base_and_head(model)
-    vocab = int(head.weight.shape[0])
-    _check_k(k, vocab)
+    vocab = int(base_and_head(model)[1].weight.shape[0])
+    _check_k(k, vocab)  # before anything is written
     tokens = check_tokens(tokens, vocab)
     n, t = tokens.shape
     directory = Path(directory)
@@ -180,13 +183,10 @@ def compute_and_save_teacher_targets(
         {"values": (VALUES_DTYPE, (n, t, k)), "indices": (INDICES_DTYPE, (n, t, k))},
         metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
     )
-    device = model_device(model)
     try:
-        with torch.inference_mode():
-            for s, e in iter_batches(n, batch_size, progress, "teacher top-k"):
-                v, i = _topk_batch(base, head, tokens[s:e].to(device), k, logit_budget)
-                writer.write_rows("values", s, v.cpu())
-                writer.write_rows("indices", s, i.cpu())
+        for s, _, v, i in _iter_topk(model, tokens, k, batch_size, progress, logit_budget):
+            writer.write_rows("values", s, v)
+            writer.write_rows("indices", s, i)
         file_sha = writer.commit()
     except BaseException:
         writer.abort()
