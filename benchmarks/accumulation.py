@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import eval_tokens, markdown_table, reference_config, timed, write_results
-from evaluators.perplexity import perplexity
-from search.evaluator import SerialEvaluator
-from supernet.variant import genes_of
 from tyr import pipeline
+from tyr.evaluators.perplexity import perplexity
+from tyr.search.evaluator import SerialEvaluator
+from tyr.supernet.variant import genes_of
 
 
 def dense_forward_seconds(session) -> float:

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import markdown_table, write_results
-from evaluators.perplexity import perplexity
-from supernet.variant import genes_of
 from tyr import pipeline
 from tyr.config import resolve_config
 from tyr.data import TextSource, evaluation_tokens
+from tyr.evaluators.perplexity import perplexity
 from tyr.export import export_model, export_run, load_pruned
+from tyr.supernet.variant import genes_of
 
 
 def build_uniform_exports(

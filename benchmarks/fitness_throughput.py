@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import markdown_table, reference_config, timed, write_results
-from evaluators.teacher import compute_and_save_teacher_targets
-from search.evaluator import SerialEvaluator
-from supernet.store import SupernetStore
-from supernet.variant import genes_of
 from tyr import pipeline
+from tyr.evaluators.teacher import compute_and_save_teacher_targets
+from tyr.search.evaluator import SerialEvaluator
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import genes_of
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
 
 
 def _dense_kl(evaluator: SerialEvaluator, rows: np.ndarray) -> float:
-    from evaluators.kl import sparse_kl_targets
+    from tyr.evaluators.kl import sparse_kl_targets
 
     return sparse_kl_targets(
         evaluator.model, evaluator.tokens, evaluator.targets, rows.tolist(), batch_size=8

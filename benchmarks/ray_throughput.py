@@ -30,14 +30,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from evaluators.teacher import TeacherTargets  # noqa: E402
-from search.evaluator import SerialEvaluator  # noqa: E402
-from search.evolution import sample_offspring  # noqa: E402
-from search.ray_backend import RayEvaluator, RayWorkerPool, _Worker, connect  # noqa: E402
-from supernet.store import SupernetStore  # noqa: E402
 from tyr import pipeline  # noqa: E402
+from tyr.cluster import RayEvaluator, RayWorkerPool, _Worker, connect  # noqa: E402
 from tyr.config import RunConfig, from_dict  # noqa: E402
+from tyr.evaluators.teacher import TeacherTargets  # noqa: E402
 from tyr.run import search_space  # noqa: E402
+from tyr.search.evaluator import SerialEvaluator  # noqa: E402
+from tyr.search.evolution import sample_offspring  # noqa: E402
+from tyr.supernet.store import SupernetStore  # noqa: E402
 
 SMOL_ARGS = [
     "--model",

@@ -16,13 +16,13 @@ import statistics
 from pathlib import Path
 
 from benchmarks.common import eval_tokens, markdown_table, reference_config, write_results
-from evaluators.kl import sparse_kl
-from evaluators.perplexity import perplexity
-from evaluators.teacher import compute_teacher_targets
-from search.evaluator import SerialEvaluator
-from supernet.store import SupernetStore
 from tyr import pipeline
+from tyr.evaluators.kl import sparse_kl
+from tyr.evaluators.perplexity import perplexity
+from tyr.evaluators.teacher import compute_teacher_targets
 from tyr.run import run
+from tyr.search.evaluator import SerialEvaluator
+from tyr.supernet.store import SupernetStore
 
 REFERENCE_SCHEDULE = [
     "search.num_iterations=2",

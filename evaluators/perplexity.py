@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from evaluators.kl import (
+from tyr.evaluators.kl import (
     DEFAULT_LOGIT_BUDGET,
     base_and_head,
     check_tokens,

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from evaluators.kl import (
+from tyr.errors import TyrError
+from tyr.evaluators.kl import (
     DEFAULT_LOGIT_BUDGET,
     base_and_head,
     check_tokens,
@@ -26,7 +27,6 @@ from evaluators.kl import (
     iter_batches,
     model_device,
 )
-from tyr.errors import TyrError
 from tyr.io import StreamingTensorFile, atomic_write_json, atomic_write_tensors, sha256_file, sha256_tensor
 
 FORMAT = "tyr-teacher-targets"

@@ -17,9 +17,9 @@ from functools import reduce
 
 import numpy as np
 
-from search.evolution import EvolutionConfig
-from search.space import Genome, SearchSpace
 from tyr.errors import TyrError
+from tyr.search.evolution import EvolutionConfig
+from tyr.search.space import Genome, SearchSpace
 
 
 def allocate_exact(space: SearchSpace, costs: Sequence[Sequence[float]]) -> Genome:

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluators.kl import sparse_kl_targets
-from evaluators.teacher import TeacherTargets
-from search.space import Genome
-from supernet.families import ModelAdapter
-from supernet.realise import Realiser
-from supernet.store import SupernetStore
-from supernet.variant import Variant, genes_of
+from tyr.evaluators.kl import sparse_kl_targets
+from tyr.evaluators.teacher import TeacherTargets
+from tyr.search.space import Genome
+from tyr.supernet.families import ModelAdapter
+from tyr.supernet.realise import Realiser
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import Variant, genes_of
 
 
 class SerialEvaluator:

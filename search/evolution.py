@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from search.space import Genome, SearchSpace
 from tyr.errors import TyrError
+from tyr.search.space import Genome, SearchSpace
 
 __all__ = [
     "EvolutionConfig",

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from search.baselines import project_units, units_at
-from search.evolution import FitnessFn
-from search.space import Genome, SearchSpace
 from tyr.errors import TyrError
 from tyr.io import atomic_write_text
+from tyr.search.baselines import project_units, units_at
+from tyr.search.evolution import FitnessFn
+from tyr.search.space import Genome, SearchSpace
 
 SAMPLERS = ("random", "tpe")
 

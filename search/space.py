@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from supernet.variant import GENE_KINDS, Gene, GeneKind
+from tyr.supernet.variant import GENE_KINDS, Gene, GeneKind
 
 Genome = tuple[int, ...]
 BudgetMode = Literal["per_type", "joint"]

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from search.evolution import EvolutionConfig, FitnessFn, GenerationResult, Genome, run_generation
-from search.space import SearchSpace
 from tyr.errors import TyrError
 from tyr.io import append_line, atomic_write_json, atomic_write_text
+from tyr.search.evolution import EvolutionConfig, FitnessFn, GenerationResult, Genome, run_generation
+from tyr.search.space import SearchSpace
 
 STATE_VERSION = 1
 _FIX = "use a new --out, or --force to start the search over"

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from supernet.criteria import accumulate_stats, prune_by_criterion, reconstruction_errors
-from supernet.families import ModelAdapter, find_rotary
-from supernet.ladder import Ladder
-from supernet.pruner import PrunerOptions
-from supernet.store import SupernetStore
-from supernet.variant import Variant
+from tyr.supernet.criteria import accumulate_stats, prune_by_criterion, reconstruction_errors
+from tyr.supernet.families import ModelAdapter, find_rotary
+from tyr.supernet.ladder import Ladder
+from tyr.supernet.pruner import PrunerOptions
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import Variant
 
 Chunks = list[torch.Tensor]  # hidden states or projection inputs, one (B, T, d) tensor per calibration batch
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from supernet.pruner import PrunerOptions, accumulate_hessian, prune_levels
+from tyr.supernet.pruner import PrunerOptions, accumulate_hessian, prune_levels
 
 CRITERIA = ("tyr", "magnitude", "wanda-sp", "flap")
 _COMPUTE = torch.float64

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from supernet.variant import GeneKind
 from tyr.errors import TyrError
+from tyr.supernet.variant import GeneKind
 
 # A flag is a constant or the name of a boolean config attribute (missing attribute = False).
 Flag = bool | str

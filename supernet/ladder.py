@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from supernet.variant import Gene
+from tyr.supernet.variant import Gene
 
 
 @dataclass(frozen=True)

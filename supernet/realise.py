@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supernet.families import ModelAdapter, adapter_for
-from supernet.variant import Gene, Variant, genes_of
 from tyr.errors import TyrError
+from tyr.supernet.families import ModelAdapter, adapter_for
+from tyr.supernet.variant import Gene, Variant, genes_of
 
 Mode = Literal["masked", "compact"]
 MODES: tuple[Mode, Mode] = ("masked", "compact")

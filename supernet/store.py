@@ -14,10 +14,10 @@ from pathlib import Path
 
 from safetensors.torch import load as safetensors_load
 
-from supernet.ladder import Ladder
-from supernet.variant import Gene, Variant
 from tyr.errors import TyrError
 from tyr.io import atomic_write_json, atomic_write_tensors, sha256_json
+from tyr.supernet.ladder import Ladder
+from tyr.supernet.variant import Gene, Variant
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from supernet.builder import BuildPlan, build_supernet, expectation_weights, expected_weight
-from supernet.families import adapter_for
-from supernet.ladder import centre_for_sparsity, make_ladder, step_units
-from supernet.pruner import PrunerOptions
-from supernet.store import SupernetStore
-from supernet.variant import Gene, Variant, genes_of
 from tests.tiny import random_tokens, tiny_model
 from tyr.errors import TyrError
+from tyr.supernet.builder import BuildPlan, build_supernet, expectation_weights, expected_weight
+from tyr.supernet.families import adapter_for
+from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
+from tyr.supernet.pruner import PrunerOptions
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import Gene, Variant, genes_of
 
 
 def _plan(adapter, sparsity=0.5, accumulation="expectation", num_levels=5):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from supernet.builder import BuildPlan, build_supernet
-from supernet.criteria import (
+from tests.tiny import random_tokens, tiny_model
+from tyr.supernet.builder import BuildPlan, build_supernet
+from tyr.supernet.criteria import (
     CRITERIA,
     InputStats,
     LevelResult,
@@ -15,13 +16,12 @@ from supernet.criteria import (
     prune_by_criterion,
     reconstruction_errors,
 )
-from supernet.families import adapter_for
-from supernet.ladder import centre_for_sparsity, make_ladder, step_units
-from supernet.pruner import PrunerOptions
-from supernet.realise import Realiser
-from supernet.store import SupernetStore
-from supernet.variant import genes_of
-from tests.tiny import random_tokens, tiny_model
+from tyr.supernet.families import adapter_for
+from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
+from tyr.supernet.pruner import PrunerOptions
+from tyr.supernet.realise import Realiser
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import genes_of
 
 
 def _stats(x: torch.Tensor) -> InputStats:

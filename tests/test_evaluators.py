@@ -12,16 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluators.kl import full_kl, logits_at_indices, sparse_kl, sparse_kl_from_logits, sparse_kl_targets
-from evaluators.perplexity import nll_sum_and_count, perplexity
-from evaluators.teacher import (
+from tests.tiny import FAMILIES, random_tokens, tiny_model
+from tyr.errors import TyrError
+from tyr.evaluators.kl import full_kl, logits_at_indices, sparse_kl, sparse_kl_from_logits, sparse_kl_targets
+from tyr.evaluators.perplexity import nll_sum_and_count, perplexity
+from tyr.evaluators.teacher import (
     TeacherTargets,
     compute_and_save_teacher_targets,
     compute_teacher_targets,
     save_teacher_targets,
 )
-from tests.tiny import FAMILIES, random_tokens, tiny_model
-from tyr.errors import TyrError
 
 VOCAB = 101
 
@@ -283,12 +283,12 @@ def test_evaluators_do_not_import_search():
 
 
 def test_streamed_targets_equal_the_in_memory_ones_byte_for_byte(tmp_path):
-    from evaluators.teacher import (
+    from tests.tiny import random_tokens, tiny_model
+    from tyr.evaluators.teacher import (
         compute_and_save_teacher_targets,
         compute_teacher_targets,
         save_teacher_targets,
     )
-    from tests.tiny import random_tokens, tiny_model
 
     model = tiny_model("llama_gqa", num_layers=2)
     tokens = random_tokens(5, 9)

@@ -18,15 +18,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from supernet.families import adapter_for
-from supernet.realise import Realiser
-from supernet.store import SupernetStore
-from supernet.variant import Variant, genes_of
 from tests.conftest import smoke_args
 from tests.tiny import char_tokenizer, random_tokens, tiny_config
 from tyr import load_pruned
 from tyr.errors import TyrError
 from tyr.export import export_model, export_run
+from tyr.supernet.families import adapter_for
+from tyr.supernet.realise import Realiser
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import Variant, genes_of
 
 ATOL = 1e-5
 PROMPT, NEW_TOKENS = 5, 8

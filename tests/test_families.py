@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig
 
-from supernet.families import FAMILIES as FAMILY_TABLE
-from supernet.families import adapter_for, find_rotary
-from supernet.realise import CompactAttention, Realiser
-from supernet.variant import Variant, genes_of
 from tests.tiny import FAMILIES, tiny_config, tiny_model
 from tyr.errors import TyrError
+from tyr.supernet.families import FAMILIES as FAMILY_TABLE
+from tyr.supernet.families import adapter_for, find_rotary
+from tyr.supernet.realise import CompactAttention, Realiser
+from tyr.supernet.variant import Variant, genes_of
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -9,19 +9,19 @@ import json
 import numpy as np
 import pytest
 
-from search.baselines import (
+from tests.conftest import smoke_args
+from tests.test_search_core import SyntheticFitness, make_space
+from tyr.cli import main
+from tyr.errors import TyrError
+from tyr.search.baselines import (
     allocate_exact,
     matched_budget,
     owl_layer_sparsities,
     project_units,
     units_at,
 )
-from search.evolution import EvolutionConfig, Stage, run_generation
-from search.sampled import sampled_search
-from tests.conftest import smoke_args
-from tests.test_search_core import SyntheticFitness, make_space
-from tyr.cli import main
-from tyr.errors import TyrError
+from tyr.search.evolution import EvolutionConfig, Stage, run_generation
+from tyr.search.sampled import sampled_search
 
 
 def _units(space, genome) -> dict[str, int]:

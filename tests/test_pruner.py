@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from supernet.pruner import (
+from tyr.supernet.pruner import (
     PrunerOptions,
     accumulate_hessian,
     prune_groups,

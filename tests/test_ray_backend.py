@@ -19,14 +19,15 @@ import pytest
 import torch
 import yaml
 
-from search.evaluator import SerialEvaluator
-from search.evolution import run_generation, sample_offspring
-from search.ray_backend import RayEvaluator, RayWorkerPool, _distance, _Slot, _worker_device
-from search.state import evolve, make_rng
-from supernet.store import SupernetStore
 from tests.conftest import smoke_args
+from tyr.cluster import RayEvaluator, RayWorkerPool, _worker_device
 from tyr.config import RunConfig, from_dict
 from tyr.errors import TyrError
+from tyr.search.evaluator import SerialEvaluator
+from tyr.search.evolution import run_generation, sample_offspring
+from tyr.search.scheduling import WorkQueue, genome_distance
+from tyr.search.state import evolve, make_rng
+from tyr.supernet.store import SupernetStore
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS_PER_WORKER = 0.5  # logical: a 1-worker and a 2-worker evaluator fit together in num_cpus=2
@@ -50,8 +51,8 @@ def torch_threads(n: int):
 def ray_run(tiny_assets, tmp_path_factory):
     """(run_dir, cfg) of a finished smoke run, with a local Ray instance up for the module."""
     ray = pytest.importorskip("ray")
-    from search.ray_backend import connect
     from tyr.cli import main
+    from tyr.cluster import connect
 
     saved = {k: os.environ.pop(k, None) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a private local instance, never a cluster from the environment
@@ -74,8 +75,8 @@ class Reference:
     """The serial backend on a driver-side session: one SerialEvaluator at a time (they share the model)."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig):
-        from evaluators.teacher import TeacherTargets
         from tyr import pipeline
+        from tyr.evaluators.teacher import TeacherTargets
         from tyr.run import search_space
 
         self.cfg = cfg
@@ -150,15 +151,26 @@ def test_worker_device_follows_the_gpu_request():
 
 
 def test_chunks_follow_the_nearest_genome():
-    pool = RayWorkerPool.__new__(RayWorkerPool)
-    pool.slots = [_Slot(0, info={}), _Slot(1, info={})]
     unique = [(0, 0, 0, 0), (1, -1, 0, 0), (2, -2, 0, 0), (0, 0, 2, -1), (0, 0, 2, -2)]
-    pool.slots[0].tail = (0, 0, 2, -2)
-    pending = list(range(5))
-    chunk = pool._take_chunk(pool.slots[0], unique, pending)  # ceil(5 / (2 x 2)) = 2 candidates
+    queue = WorkQueue([*unique, unique[0]], max_attempts=2)  # a duplicate is evaluated once
+    assert queue.unique == unique
+    chunk = queue.take_chunk((0, 0, 2, -2), num_workers=2, depth=2)  # ceil(5 / (2 x 2)) = 2 candidates
     assert chunk == [4, 3]
-    assert pending == [0, 1, 2]
-    assert _distance(None, unique[0]) > _distance(unique[1], unique[2])
+    assert queue.pending == [0, 1, 2]
+    assert genome_distance(None, unique[0]) > genome_distance(unique[1], unique[2])
+
+
+def test_work_queue_requeues_then_gives_up_and_keeps_call_order():
+    queue = WorkQueue([(1, 0), (0, 1), (1, 0)], max_attempts=2)
+    chunk = queue.take_chunk(None, num_workers=1, depth=1)
+    queue.requeue(chunk)  # the worker died once: the candidates go back
+    assert queue.pending == [0, 1]
+    chunk = queue.take_chunk(None, num_workers=1, depth=1)
+    queue.complete(chunk, [0.5, 0.25])
+    assert queue.results() == [0.5, 0.25, 0.5]
+    with pytest.raises(TyrError, match="crashed a worker"):
+        queue.requeue([0])
+        queue.requeue([0])
 
 
 # -- Ray: equal results ---------------------------------------------------------------------------------------------
@@ -253,7 +265,7 @@ def test_factory_keeps_one_pool_for_the_run(ray_run, reference):
     """What `tyr run` wires in: factory(supernet_dir) per iteration, close() at the end of the run."""
     import ray
 
-    from search.ray_backend import ray_evaluator_factory
+    from tyr.cluster import ray_evaluator_factory
 
     run_dir, cfg = ray_run
     factory = ray_evaluator_factory(cfg, run_dir, 1, num_cpus_per_worker=CPUS_PER_WORKER)
@@ -355,7 +367,7 @@ def test_unreachable_address_fails_fast():
     script = textwrap.dedent(
         """
         import sys, time
-        from search.ray_backend import connect
+        from tyr.cluster import connect
         from tyr.errors import TyrError
         for address in sys.argv[1:]:
             t0 = time.monotonic()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from supernet.families import adapter_for
-from supernet.realise import CompactAttention, Realiser
-from supernet.variant import Variant, genes_of
 from tests.test_families import biased_llama, tiny_mistral
 from tests.tiny import FAMILIES, random_tokens, tiny_model
 from tyr.errors import TyrError
+from tyr.supernet.families import adapter_for
+from tyr.supernet.realise import CompactAttention, Realiser
+from tyr.supernet.variant import Variant, genes_of
 
 NUM_LAYERS = 3
 

@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from search.evolution import (
+from tyr.errors import TyrError
+from tyr.search.evolution import (
     EvolutionConfig,
     Stage,
     mutate,
@@ -18,10 +19,9 @@ from search.evolution import (
     sample_offspring,
     select_survivors,
 )
-from search.space import Budget, GeneLadder, SearchSpace, budget_for_start
-from search.state import SearchState, evolve, load_state, make_rng, restore_rng, save_state
-from supernet.variant import Gene, genes_of
-from tyr.errors import TyrError
+from tyr.search.space import Budget, GeneLadder, SearchSpace, budget_for_start
+from tyr.search.state import SearchState, evolve, load_state, make_rng, restore_rng, save_state
+from tyr.supernet.variant import Gene, genes_of
 
 NUM_LAYERS = 6
 LEVELS = tuple(range(-4, 5))

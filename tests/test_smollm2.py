@@ -42,11 +42,11 @@ def test_build_and_realise_three_blocks(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "genes built 6" in printed and "9 heads (3 KV)" in printed
 
-    from supernet.families import adapter_for
-    from supernet.realise import Realiser
-    from supernet.store import SupernetStore
-    from supernet.variant import genes_of
     from tyr.models import load_model, resolve_model
+    from tyr.supernet.families import adapter_for
+    from tyr.supernet.realise import Realiser
+    from tyr.supernet.store import SupernetStore
+    from tyr.supernet.variant import genes_of
 
     model = load_model(resolve_model("smollm2-135m"), torch.float32, torch.device("cpu"))
     model.model.layers = model.model.layers[:3]

@@ -84,9 +84,9 @@ def evaluate(
         topk = topk or d.get("topk", DEFAULT_TOPK)
         tokens = _tokens(loaded, data, data_config, split or "test", text_field, seq_len, num_sequences)
 
-        from evaluators.kl import sparse_kl
-        from evaluators.perplexity import perplexity
-        from evaluators.teacher import compute_teacher_targets
+        from tyr.evaluators.kl import sparse_kl
+        from tyr.evaluators.perplexity import perplexity
+        from tyr.evaluators.teacher import compute_teacher_targets
 
         result: dict = {
             "model": str(target),

@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # torch and the rest load on first use: `tyr --help` stays fa
     import torch
     from torch import nn
 
-    from supernet.families import ModelAdapter
-    from supernet.variant import Variant
+    from tyr.supernet.families import ModelAdapter
+    from tyr.supernet.variant import Variant
 
 Format = Literal["hf", "dense-masked"]
 FORMATS: tuple[str, ...] = ("hf", "dense-masked")
@@ -62,7 +62,7 @@ class LayerShape:
 
 def layer_shapes(adapter: ModelAdapter, variants: Sequence[Variant | None]) -> list[LayerShape]:
     """Per layer, the kept units of a genome (one Variant per gene in ``genes_of`` order; None = dense)."""
-    from supernet.variant import genes_of
+    from tyr.supernet.variant import genes_of
 
     genes = genes_of(adapter.num_layers)
     if len(variants) != len(genes):
@@ -345,9 +345,9 @@ def export_model(
     ``final/metrics.json``) goes into the model card. ``protect`` lists folders that ``force`` must never
     delete (the run, the base model). Returns the output folder.
     """
-    from supernet.families import ModelAdapter
-    from supernet.realise import Realiser
     from tyr.io import atomic_write_json, atomic_write_text
+    from tyr.supernet.families import ModelAdapter
+    from tyr.supernet.realise import Realiser
 
     if format not in FORMATS:
         raise TyrError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -684,11 +684,11 @@ def _read_json(path: Path) -> dict:
 
 def load_run_model(final: RunFinal, device: str | None = "cpu"):
     """(dense model as the run used it, tokenizer, resolved model, adapter, variants of the final genome)."""
-    from supernet.families import adapter_for
-    from supernet.store import SupernetStore
-    from supernet.variant import genes_of
     from tyr import pipeline
     from tyr.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+    from tyr.supernet.families import adapter_for
+    from tyr.supernet.store import SupernetStore
+    from tyr.supernet.variant import genes_of
 
     cfg = final.config
     dev = resolve_device(device or cfg.model.device)

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.outliers import layer_outlier_ratios
-from search.baselines import allocate_exact, matched_budget, owl_layer_sparsities, project_units
-from search.sampled import sampled_search
-from search.space import Genome, SearchSpace
-from supernet.store import SupernetStore
-from supernet.variant import genes_of
 from tyr import pipeline
 from tyr.config import dump_yaml
 from tyr.errors import TyrError
+from tyr.evaluators.outliers import layer_outlier_ratios
 from tyr.io import atomic_write_json, sha256_text
+from tyr.search.baselines import allocate_exact, matched_budget, owl_layer_sparsities, project_units
+from tyr.search.sampled import sampled_search
+from tyr.search.space import Genome, SearchSpace
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import genes_of
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
-from supernet.builder import BuildPlan, BuildReport, build_supernet
-from supernet.families import ModelAdapter, adapter_for
-from supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_units
-from supernet.pruner import PrunerOptions
-from supernet.store import SupernetStore
-from supernet.variant import genes_of
 from tyr.config import RunConfig, dump_yaml, identity_dict, to_dict
 from tyr.data import TextSource, calibration_tokens
 from tyr.errors import TyrError
 from tyr.io import atomic_write_text, sha256_json, sha256_tensor
 from tyr.models import ResolvedModel, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from tyr.supernet.builder import BuildPlan, BuildReport, build_supernet
+from tyr.supernet.families import ModelAdapter, adapter_for
+from tyr.supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_units
+from tyr.supernet.pruner import PrunerOptions
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import genes_of
 
 
 @dataclass

@@ -13,20 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluators.kl import sparse_kl
-from evaluators.perplexity import perplexity
-from evaluators.teacher import TeacherTargets, compute_and_save_teacher_targets, compute_teacher_targets
-from search.evaluator import SerialEvaluator
-from search.evolution import EvolutionConfig, GenerationResult, Stage
-from search.space import Budget, GeneLadder, SearchSpace
-from search.state import evolve
-from supernet.store import SupernetStore
-from supernet.variant import genes_of
 from tyr import methods, pipeline
 from tyr.config import ONE_SHOT_METHODS, RunConfig, dump_yaml
 from tyr.data import TextSource, evaluation_tokens
 from tyr.errors import TyrError
+from tyr.evaluators.kl import sparse_kl
+from tyr.evaluators.perplexity import perplexity
+from tyr.evaluators.teacher import TeacherTargets, compute_and_save_teacher_targets, compute_teacher_targets
 from tyr.io import atomic_write_json, sha256_tensor, sha256_text
+from tyr.search.evaluator import SerialEvaluator
+from tyr.search.evolution import EvolutionConfig, GenerationResult, Stage
+from tyr.search.space import Budget, GeneLadder, SearchSpace
+from tyr.search.state import evolve
+from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import genes_of
 
 
 @dataclass
@@ -67,7 +67,7 @@ def fitness_backend(
     """(make_evaluator(store), close()) for `cfg.backend`; Ray workers start on first use."""
     cfg = session.cfg
     if cfg.backend.kind == "ray":
-        from search.ray_backend import ray_evaluator_factory
+        from tyr.cluster import ray_evaluator_factory
 
         b = cfg.backend
         factory = ray_evaluator_factory(

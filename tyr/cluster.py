@@ -1,18 +1,16 @@
-"""Ray fitness backend: the `SerialEvaluator` protocol spread over long-lived Ray actors (one per worker slot).
+"""The Ray side of a run: connecting to a cluster, the long-lived worker actors and what each one loads.
 
-Each actor loads the model and the calibration tokens itself from the run's config (`tyr.pipeline.open_session`),
-opens the teacher targets and the iteration's supernet from the run directory (which must be on storage every
-node reads at the same path) and holds a `SerialEvaluator`, so it swaps only the genes that change between two
-candidates. Per call only small integer genomes and the stage's sequence indices travel; tokens, targets and
-variants never do.
+Fitness evaluation follows the protocol of `tyr.search.evaluator.SerialEvaluator`
+(`__call__(genomes, sequence_indices) -> list[float]`); `RayEvaluator` spreads it over actors, one per worker
+slot. Each actor loads the model and the calibration tokens itself from the run's config
+(`tyr.pipeline.open_session`), opens the teacher targets and the iteration's supernet from the run directory
+(which must be on storage every node reads at the same path) and holds a `SerialEvaluator`, so it swaps only
+the genes that change between two candidates. Per call only small integer genomes and the stage's sequence
+indices travel; tokens, targets and variants never do.
 
-Scheduling: workers pull work. A free worker takes the pending candidates closest (fewest differing genes) to
-the genome it will have applied, in chunks that shrink as the queue empties (no worker idles while work is
-left). Fitness depends only on (genome, sequence indices), so results do not depend on the number of workers,
-the assignment or the completion order; they come back in candidate order.
-
-Fault tolerance: a worker that dies (process killed, node lost, out of memory) is replaced by a fresh actor and
-its unfinished candidates go back to the queue; the search goes on with unchanged results.
+What each worker does next is decided by `tyr.search.scheduling.WorkQueue` (nearest-genome work pulling,
+duplicates once, results in candidate order); this module owns the actors' lifecycle: start, set-up,
+replacement of a dead actor (its unfinished candidates go back to the queue), shutdown.
 
 See docs/ray.md for cluster usage.
 """
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import time
@@ -33,9 +30,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from search.space import Genome
 from tyr.config import RunConfig, to_dict
 from tyr.errors import TyrError
+from tyr.search.scheduling import WorkQueue
+from tyr.search.space import Genome
 
 __all__ = [
     "RayEvaluator",
@@ -151,9 +149,9 @@ class _Worker:
     def _open_session(self) -> None:
         import torch
 
-        from evaluators.teacher import TeacherTargets
         from tyr import pipeline
         from tyr.config import RunConfig, from_dict
+        from tyr.evaluators.teacher import TeacherTargets
 
         t0 = time.perf_counter()
         spec = self.spec
@@ -183,8 +181,8 @@ class _Worker:
     def _use_supernet(self, supernet_dir: str, fingerprint_hash: str) -> None:
         if self.supernet == (supernet_dir, fingerprint_hash):
             return
-        from search.evaluator import SerialEvaluator
-        from supernet.store import SupernetStore
+        from tyr.search.evaluator import SerialEvaluator
+        from tyr.supernet.store import SupernetStore
 
         if self.evaluator is not None:
             self.evaluator.close()  # back to dense before another supernet's variants are applied
@@ -255,11 +253,6 @@ class _Worker:
         """Scheduling + transfer only (benchmarks): what a call costs without an evaluation."""
         return [0.0] * len(genomes)
 
-    def release(self) -> None:
-        if self.evaluator is not None:
-            self.evaluator.close()
-        self.evaluator, self.supernet = None, None
-
 
 def _dispatch_over_gpus(model):
     """Spread a model's decoder blocks over all visible GPUs (accelerate); not exercised without 2+ GPUs."""
@@ -307,12 +300,6 @@ class _Slot:
     consecutive_failures: int = 0
     retired: bool = False
     info: dict | None = None
-
-
-def _distance(a: Genome | None, b: Genome) -> int:
-    if a is None:
-        return len(b) + 1
-    return sum(x != y for x, y in zip(a, b))
 
 
 def _shippable_config(cfg: RunConfig) -> dict:
@@ -514,33 +501,26 @@ class RayWorkerPool:
         t0 = time.perf_counter()
         supernet = (str(Path(supernet_dir).resolve()), fingerprint_hash)
         indices = [int(i) for i in np.asarray(sequence_indices).reshape(-1)]
-        genomes = [tuple(int(v) for v in g) for g in genomes]
-        unique = list(dict.fromkeys(genomes))
-        pending = list(range(len(unique)))
-        attempts = [0] * len(unique)
-        results: list[float | None] = [None] * len(unique)
+        queue = WorkQueue(genomes, max_attempts=self.max_retries + 1)
         in_flight: dict[Any, tuple[_Slot, int, list[int]]] = {}
         setups = self._setup_refs(supernet)
 
-        while pending or in_flight:
+        while queue.pending or in_flight:
             free = self._free_slots()
-            while pending and free:  # one call per free worker per round, until each has PIPELINE_DEPTH
+            while queue.pending and free:  # one call per free worker per round, until each has PIPELINE_DEPTH
                 for slot in free:
-                    if not pending:
+                    if not queue.pending:
                         break
-                    chunk = self._take_chunk(slot, unique, pending)
-                    payload = [list(unique[c]) for c in chunk]
+                    chunk = queue.take_chunk(slot.tail, self._num_ready(), PIPELINE_DEPTH)
+                    payload = [list(queue.unique[c]) for c in chunk]
                     ref = getattr(slot.actor, method).remote(*supernet, payload, indices)
                     in_flight[ref] = (slot, slot.generation, chunk)
                     slot.in_flight += 1
-                    slot.tail = unique[chunk[-1]]
+                    slot.tail = queue.unique[chunk[-1]]
                     self.stats.chunks += 1
                 free = self._free_slots()
             if not in_flight and not setups:
-                if all(s.retired for s in self.slots):
-                    raise TyrError(
-                        f"every Ray worker failed more than max_retries times (last error: {self._last_error})"
-                    )
+                self._check_not_all_retired()
                 setups = self._setup_refs(supernet)
                 continue
             waiting = list(in_flight) + list(setups)
@@ -555,33 +535,30 @@ class RayWorkerPool:
                 except ray.exceptions.RayTaskError as e:
                     raise self._task_error(slot, e) from None
                 except _crash_errors() as e:
-                    pending.extend(chunk)
-                    pending.sort()
-                    for c in chunk:
-                        attempts[c] += 1
-                        if attempts[c] > self.max_retries + 1:
-                            raise TyrError(
-                                f"evaluating genome {list(unique[c])} crashed a Ray worker {attempts[c]} times"
-                            ) from None
+                    queue.requeue(chunk)
                     if generation == slot.generation:  # the first failure seen from this actor
                         self._replace_actor(slot, e)
                     continue
                 if generation == slot.generation:
                     slot.in_flight -= 1
                     slot.consecutive_failures = 0
-                for c, v in zip(chunk, values, strict=True):
-                    results[c] = float(v)
+                queue.complete(chunk, values)
             setups.update(self._setup_refs(supernet))
-            if all(s.retired for s in self.slots):
-                raise TyrError(
-                    f"every Ray worker failed more than max_retries times (last error: {self._last_error})"
-                )
+            self._check_not_all_retired()
 
         self.stats.calls += 1
-        self.stats.evaluations += len(unique)
+        self.stats.evaluations += len(queue.unique)
         self.stats.seconds += time.perf_counter() - t0
-        by_genome = dict(zip(unique, results, strict=True))
-        return [by_genome[g] for g in genomes]
+        return queue.results()
+
+    def _check_not_all_retired(self) -> None:
+        if all(s.retired for s in self.slots):
+            raise TyrError(
+                f"every Ray worker failed more than max_retries times (last error: {self._last_error})"
+            )
+
+    def _num_ready(self) -> int:
+        return sum(1 for s in self.slots if not s.retired and s.info is not None)
 
     def _free_slots(self) -> list[_Slot]:
         """Ready workers with room for another call, the least loaded first."""
@@ -589,23 +566,6 @@ class RayWorkerPool:
             s for s in self.slots if not s.retired and s.info is not None and s.in_flight < PIPELINE_DEPTH
         ]
         return sorted(free, key=lambda s: (s.in_flight, s.index))
-
-    def _take_chunk(self, slot: _Slot, unique: list[Genome], pending: list[int]) -> list[int]:
-        """Remove and return the next chunk for `slot`: a nearest-neighbour chain from its applied genome.
-
-        Chunk size shrinks with the queue (pending / (depth x workers)), so big chunks save round trips early
-        and single candidates balance the end.
-        """
-        active = sum(1 for s in self.slots if not s.retired and s.info is not None)
-        size = max(1, math.ceil(len(pending) / (PIPELINE_DEPTH * max(active, 1))))
-        chunk = []
-        here = slot.tail
-        for _ in range(min(size, len(pending))):
-            best = min(pending, key=lambda c: (_distance(here, unique[c]), c))
-            pending.remove(best)
-            chunk.append(best)
-            here = unique[best]
-        return chunk
 
     # ---- closing -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -661,7 +621,7 @@ class RayEvaluator:
         pool: RayWorkerPool | None = None,
         fault_file: str | None = None,
     ):
-        from supernet.store import SupernetStore
+        from tyr.supernet.store import SupernetStore
 
         self.supernet_dir = Path(supernet_dir).resolve()
         self.fingerprint_hash = SupernetStore.open(self.supernet_dir).fingerprint_hash

@@ -1,0 +1,84 @@
+"""The package layout the design promises: one installed namespace and imports that point downwards."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INNER = ("supernet", "search", "evaluators")
+FOUNDATION = {"tyr", "tyr.errors", "tyr.io"}  # `tyr` itself only for `from tyr import errors/io`
+# Which inner packages each one may import (DESIGN.md, "Layers").
+ALLOWED_INNER = {
+    "supernet": set(),
+    "evaluators": set(),
+    "search": {"tyr.supernet", "tyr.evaluators"},
+}
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return [p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, module, imported names) of every import in the file, function-level ones included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module, [alias.name for alias in node.names]))
+    return out
+
+
+@pytest.mark.parametrize("package", INNER)
+def test_inner_packages_import_only_the_foundation_and_lower_layers(package):
+    allowed_inner = ALLOWED_INNER[package] | {f"tyr.{package}"}
+    bad = []
+    for path in _python_files(package):
+        for line, module, names in _imports(path):
+            if module != "tyr" and not module.startswith("tyr."):
+                continue
+            top = ".".join(module.split(".")[:2])
+            if module == "tyr":
+                ok = set(names) <= {"errors", "io"}
+            else:
+                ok = module in FOUNDATION or top in allowed_inner
+            if not ok:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not bad, "inner packages must not import the surface:\n" + "\n".join(bad)
+
+
+def test_no_import_of_the_bare_folder_names():
+    pattern = re.compile(r"^\s*(from|import)\s+(search|supernet|evaluators)\b", re.M)
+    hits = [
+        f"{p.relative_to(ROOT)}: {m.group(0).strip()}"
+        for p in _python_files("tyr", *INNER, "tests", "benchmarks")
+        for m in pattern.finditer(p.read_text())
+    ]
+    assert not hits, "import them as tyr.search / tyr.supernet / tyr.evaluators:\n" + "\n".join(hits)
+
+
+def test_installed_namespace_from_another_directory(tmp_path):
+    """From a folder outside the repository: tyr.* imports, the generic top-level names do not exist."""
+    code = (
+        "import importlib, sys\n"
+        "for name in ('tyr.search.evolution', 'tyr.supernet.store', 'tyr.evaluators.kl', 'tyr.cli'):\n"
+        "    importlib.import_module(name)\n"
+        "for name in ('search', 'supernet', 'evaluators'):\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    sys.exit(f'{name} is importable as a top-level module')\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr + result.stdout
