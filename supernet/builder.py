@@ -26,6 +26,7 @@ from tyr.supernet.families import ModelAdapter, find_rotary
 from tyr.supernet.ladder import Ladder
 from tyr.supernet.pruner import PrunerOptions
 from tyr.supernet.store import SupernetStore
+from tyr.supernet.units import unit_rows
 from tyr.supernet.variant import Variant
 
 Chunks = list[torch.Tensor]  # hidden states or projection inputs, one (B, T, d) tensor per calibration batch
@@ -81,9 +82,7 @@ def expected_weight(
     for variant, w in zip(variants, weights, strict=True):
         if w == 0.0 or variant.kept.numel() == 0:
             continue
-        cols = (
-            variant.kept.to(device)[:, None] * group_size + torch.arange(group_size, device=device)
-        ).flatten()
+        cols = unit_rows(variant.kept.to(device), group_size)
         total[:, cols] += w * variant.weight.to(device=device, dtype=torch.float32)
     return total.to(dtype)
 

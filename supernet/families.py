@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tyr.errors import TyrError
+from tyr.supernet.units import UnitLayout
 from tyr.supernet.variant import GeneKind
 
 # A flag is a constant or the name of a boolean config attribute (missing attribute = False).
@@ -102,6 +103,8 @@ class ModelAdapter:
                 f"{self.num_heads} query heads do not split evenly into {self.num_kv_heads} KV heads"
             )
         self.group: int = self.num_heads // self.num_kv_heads
+        self._attention_units = UnitLayout.attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self._mlp_units = UnitLayout.mlp(self.intermediate_size)
 
         self.qkv_bias = _flag(config, spec.qkv_bias)
         self.o_bias = _flag(config, spec.o_bias)
@@ -145,20 +148,24 @@ class ModelAdapter:
         return self._layers[i]
 
     def num_units(self, kind: GeneKind) -> int:
-        return self.num_heads if _kind(kind) == "attn" else self.intermediate_size
+        return self.units(kind).num_units
 
     def group_size(self, kind: GeneKind) -> int:
-        return self.head_dim if _kind(kind) == "attn" else 1
+        return self.units(kind).group_size
 
     def output_proj(self, i: int, kind: GeneKind) -> nn.Linear:
         layer = self._layers[i]
         return layer.self_attn.o_proj if _kind(kind) == "attn" else layer.mlp.down_proj
 
+    def units(self, kind: GeneKind) -> UnitLayout:
+        """The pruning unit of `kind` and the projection slices it couples (`tyr.supernet.units`)."""
+        return self._attention_units if _kind(kind) == "attn" else self._mlp_units
+
     def kv_head_of(self, q_head: int) -> int:
-        return int(q_head) // self.group
+        return self._attention_units.kv_head_of(q_head)
 
     def kept_kv_heads(self, kept_heads: Iterable[int]) -> list[int]:
-        return sorted({self.kv_head_of(int(h)) for h in _as_list(kept_heads)})
+        return self._attention_units.kept_kv_heads(kept_heads)
 
     def rotary_fn(self) -> Callable:
         """The family's ``apply_rotary_pos_emb(q, k, cos, sin)``."""
@@ -172,16 +179,13 @@ class ModelAdapter:
         K/V rows go only with a KV head none of whose query heads is kept; the o_proj bias always stays.
         Per-head q_norm/k_norm (qwen3) are not prunable and not counted.
         """
-        h, hd = self.hidden_size, self.head_dim
-        q = len(_as_list(kept_heads)) * hd
-        kv = len(self.kept_kv_heads(kept_heads)) * hd
-        qkv = (q + 2 * kv) * (h + int(self.qkv_bias))
-        return qkv + h * q + h * int(self.o_bias)
+        return self._attention_units.params(kept_heads, self.hidden_size, self.qkv_bias, self.o_bias)
 
     def mlp_params(self, num_kept_channels: int) -> int:
         """gate, up, down weights and biases with ``num_kept_channels`` intermediate channels left."""
-        h, n = self.hidden_size, int(num_kept_channels)
-        return 2 * n * (h + int(self.mlp_bias)) + h * n + h * int(self.mlp_bias)
+        return self._mlp_units.params(
+            range(int(num_kept_channels)), self.hidden_size, self.mlp_bias, self.mlp_bias
+        )
 
     def module_params(self, kind: GeneKind, kept: Iterable[int]) -> int:
         kept = _as_list(kept)

@@ -21,6 +21,8 @@ from functools import cached_property
 
 import torch
 
+from tyr.supernet.units import unit_rows
+
 _COMPUTE = torch.float64
 _JITTERS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
 
@@ -163,7 +165,7 @@ def prune_levels(
             if prep is None:
                 prep = _prepare(H, W, options.damp)
             kept = _select_mask(prep, group_size, num_remove, options)
-            w_kept = _refit(prep, _rows(kept, group_size))
+            w_kept = _refit(prep, unit_rows(kept, group_size))
             results.append((kept, w_kept.to(torch.float32)))
     return results
 
@@ -238,12 +240,6 @@ def _prepare(H: torch.Tensor, W: torch.Tensor, damp: float) -> _Prepared:
     return _Prepared(hd=hd, hinv=hinv, g=h @ w, w=w)
 
 
-def _rows(groups: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Row indices of the given groups, in group order."""
-    offsets = torch.arange(group_size, dtype=torch.int64, device=groups.device)
-    return (groups[:, None] * group_size + offsets).reshape(-1)
-
-
 def _diag_blocks(hinv: torch.Tensor, group_size: int) -> torch.Tensor:
     """Diagonal blocks of Hinv per group: (d_in,) for group_size 1, else (groups, gs, gs)."""
     if group_size == 1:
@@ -305,7 +301,7 @@ class _ObsState:
 
     def remove(self, drop: torch.Tensor, keep: torch.Tensor) -> None:
         """Remove local groups ``drop`` with OBS compensation of W and downdate of Hinv."""
-        p_loc, q_loc = _rows(drop, self.group_size), _rows(keep, self.group_size)
+        p_loc, q_loc = unit_rows(drop, self.group_size), unit_rows(keep, self.group_size)
         hinv_p = self.hinv0.index_select(0, self.rows.index_select(0, p_loc)).index_select(1, self.rows)
         hinv_p.addmm_(self.ct.index_select(0, p_loc), self.ct.T, alpha=-1.0)  # current Hinv[P, R]
         factor = _cholesky(hinv_p.index_select(1, p_loc))
@@ -363,4 +359,4 @@ def _prune_magnitude(
     norms = w.square().view(w.shape[0] // group_size, -1).sum(1)
     scores = 0.5 * norms + norms if first_order else 0.5 * norms
     _, kept = _split_lowest(scores, num_remove)
-    return kept, W.index_select(0, _rows(kept, group_size)).to(torch.float32)
+    return kept, W.index_select(0, unit_rows(kept, group_size)).to(torch.float32)

@@ -52,12 +52,6 @@ def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach().clone() if t is not None else None
 
 
-def _unit_columns(kept: torch.Tensor, group: int, device: torch.device) -> torch.Tensor:
-    """Flat column (or row) indices of the kept units, each unit being ``group`` consecutive indices."""
-    kept = kept.to(device=device, dtype=torch.long)
-    return (kept[:, None] * group + torch.arange(group, device=device)).reshape(-1)
-
-
 def _fitted(variant: Variant, like: nn.Linear) -> torch.Tensor:
     return variant.weight.detach().to(device=like.weight.device, dtype=like.weight.dtype).clone()
 
@@ -120,16 +114,12 @@ class CompactAttention(nn.Module):
     ) -> CompactAttention:
         """Slice the dense HF attention ``attn`` to query heads ``kept``; ``o_weight`` (and ``o_bias`` if given,
         else the dense one) become o_proj's parameters."""
-        hd = adapter.head_dim
+        units = adapter.units("attn")
         kept_list = [int(h) for h in kept.tolist()]
-        kept_kv = adapter.kept_kv_heads(kept_list)
         device = attn.q_proj.weight.device
-        kv_pos = {kv: j for j, kv in enumerate(kept_kv)}
-        kv_index = torch.tensor(
-            [kv_pos[adapter.kv_head_of(h)] for h in kept_list], dtype=torch.long, device=device
-        )
-        q_rows = _unit_columns(torch.tensor(kept_list, dtype=torch.long), hd, device)
-        kv_rows = _unit_columns(torch.tensor(kept_kv, dtype=torch.long), hd, device)
+        kv_index = torch.tensor(units.kv_index(kept_list), dtype=torch.long, device=device)
+        q_rows = units.columns(kept_list, device)
+        kv_rows = units.kv_rows(kept_list, device)
         o = attn.o_proj
         o_proj = _linear(o_weight, o_bias if o_bias is not None else _copy(o.bias), o.weight.requires_grad)
         return cls(
@@ -138,7 +128,7 @@ class CompactAttention(nn.Module):
             v_proj=_rows(attn.v_proj, kv_rows),
             o_proj=o_proj,
             kv_index=kv_index,
-            head_dim=hd,
+            head_dim=adapter.head_dim,
             scaling=float(attn.scaling),
             rotary_fn=adapter.rotary_fn(),
             q_norm=getattr(attn, "q_norm", None) if adapter.qk_norm else None,
@@ -332,7 +322,7 @@ class Realiser:
             lin.weight.copy_(self._dense_out[g])
             lin.bias = dense_bias
             return
-        cols = _unit_columns(variant.kept, self.adapter.group_size(gene.kind), lin.weight.device)
+        cols = self.adapter.units(gene.kind).columns(variant.kept, lin.weight.device)
         lin.weight.zero_()
         lin.weight.index_copy_(1, cols, _fitted(variant, lin))
         if variant.bias is None:
@@ -356,7 +346,7 @@ class Realiser:
         if variant is None:
             mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
             return
-        rows = variant.kept.to(device=gate.weight.device, dtype=torch.long)
+        rows = self.adapter.units("mlp").columns(variant.kept, gate.weight.device)
         mlp.gate_proj = _rows(gate, rows)
         mlp.up_proj = _rows(up, rows)
         bias = _output_bias(down.bias, variant, down)
