@@ -26,12 +26,15 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, markdown_table, write_results
-from tyr import pipeline
-from tyr.config import resolve_config
+from tyr.config import dump_yaml, resolve_config
+from tyr.methods import METHODS as ALL_METHODS
 from tyr.run import run
+from tyr.rundir import RunDir
+from tyr.supernet.criteria import CRITERIA as ALL_CRITERIA
 
-METHODS = ("uniform", "owl", "layer-error", "evolution", "random", "optuna")
-CRITERIA = ("tyr", "magnitude", "wanda-sp", "flap")
+# uniform first: the quickest run of a criterion builds the supernet its other methods share
+METHODS = ("uniform", *(m for m in ALL_METHODS if m != "uniform"))
+CRITERIA = tuple(ALL_CRITERIA)  # the default, tyr, first
 
 
 def grid(kind: str) -> list[tuple[str, str]]:
@@ -50,12 +53,15 @@ def grid(kind: str) -> list[tuple[str, str]]:
 
 def share_from(donor: Path, run_dir: Path) -> None:
     """Hard-link the donor's teacher targets and iteration-1 supernet (files are only ever replaced whole)."""
-    for sub in ("teacher", "iter-1/supernet"):
-        src = donor / sub
-        if not src.is_dir() or (run_dir / sub).exists():
+    donor_run, run = RunDir(donor), RunDir(run_dir)
+    for src, dst in (
+        (donor_run.teacher_dir, run.teacher_dir),
+        (donor_run.supernet_dir(1), run.supernet_dir(1)),
+    ):
+        if not src.is_dir() or dst.exists():
             continue
         for path in sorted(src.rglob("*")):
-            target = run_dir / sub / path.relative_to(src)
+            target = dst / path.relative_to(src)
             if path.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
             else:
@@ -78,12 +84,13 @@ def one_run(
     )
     run_dir = out / f"s{int(round(sparsity * 100))}-{criterion}-{method}"
     timing_path = run_dir / "benchmark_seconds.json"
-    metrics_path = run_dir / "final" / "metrics.json"
-    if metrics_path.is_file() and timing_path.is_file():  # finished earlier: report it as it was measured
-        metrics = json.loads(metrics_path.read_text())
+    rd = RunDir(run_dir)
+    if rd.is_finished() and timing_path.is_file():  # finished earlier: report it as it was measured
+        metrics = rd.read_metrics()
         seconds = json.loads(timing_path.read_text())["seconds"]
     else:
-        pipeline.open_run_dir(run_dir, cfg, force=False)
+        identity = dump_yaml(cfg)
+        rd.open(identity, rd.check_open(identity, force=False))
         if donor is not None:
             share_from(donor, run_dir)
         t0 = time.perf_counter()

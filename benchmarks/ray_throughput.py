@@ -25,16 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tyr import pipeline  # noqa: E402
 from tyr.cluster import RayEvaluator, RayWorkerPool, _Worker, connect  # noqa: E402
-from tyr.config import RunConfig, from_dict  # noqa: E402
 from tyr.evaluators.teacher import TeacherTargets  # noqa: E402
 from tyr.run import search_space  # noqa: E402
+from tyr.rundir import RunDir  # noqa: E402
 from tyr.search.evaluator import SerialEvaluator  # noqa: E402
 from tyr.search.evolution import sample_offspring  # noqa: E402
 from tyr.supernet.store import SupernetStore  # noqa: E402
@@ -84,7 +83,7 @@ def build_tiny_run(root: Path) -> Path:
 def build_smol_run(run: Path) -> Path:
     from tyr.cli import main
 
-    done = (run / "final" / "metrics.json").is_file()
+    done = RunDir(run).is_finished()
     if not done and main(["run", *SMOL_ARGS, "--out", str(run), "--quiet"]) != 0:
         raise SystemExit("building the SmolLM2 run failed")
     return run
@@ -100,11 +99,12 @@ def median_time(fn, repeats: int) -> float:
 
 
 def measure(run_dir: Path, num_candidates: int, repeats: int, worker_counts: list[int]) -> dict:
-    cfg = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
-    supernet_dir = run_dir / "iter-1" / "supernet"
+    rd = RunDir(run_dir)
+    cfg = rd.load_config()
+    supernet_dir = rd.supernet_dir(1)
     session = pipeline.open_session(cfg, progress=False)
     store = SupernetStore.open(supernet_dir)
-    targets = TeacherTargets.open(run_dir / "teacher")
+    targets = TeacherTargets.open(rd.teacher_dir)
     space = search_space(session, store)
     start = tuple(0 for _ in space.genes)
     genomes = sample_offspring(

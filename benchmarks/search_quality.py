@@ -11,7 +11,6 @@ iteration 1 alone, and the final coarse-to-fine result. Also reports seconds per
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tyr.evaluators.kl import sparse_kl
 from tyr.evaluators.perplexity import perplexity
 from tyr.evaluators.teacher import compute_teacher_targets
 from tyr.run import run
+from tyr.rundir import RunDir
 from tyr.search.evaluator import SerialEvaluator
 from tyr.supernet.store import SupernetStore
 
@@ -49,16 +49,11 @@ def one_sparsity(sparsity: float, out: Path, extra: list[str]) -> dict:
     session = pipeline.open_session(cfg, progress=False)
     tokens = eval_tokens(session)
     targets = compute_teacher_targets(session.model, tokens, cfg.search.topk)
-    iter1 = json.loads((run_dir / "iter-1" / "result.json").read_text())
-    one_iteration = measure(
-        session, SupernetStore.open(run_dir / "iter-1" / "supernet"), iter1["genome"], tokens, targets
-    )
-    seconds = [
-        json.loads(line)["seconds"]
-        for i in (1, 2)
-        for line in (run_dir / f"iter-{i}" / "search" / "history.jsonl").read_text().splitlines()
-    ]
-    arch = json.loads((run_dir / "final" / "architecture.json").read_text())
+    rd = RunDir(run_dir)
+    iter1 = rd.read_result(1)
+    one_iteration = measure(session, SupernetStore.open(rd.supernet_dir(1)), iter1["genome"], tokens, targets)
+    seconds = [row["seconds"] for i in rd.finished_iterations() for row in rd.read_history(i)]
+    arch = rd.read_architecture()
     heads = [len(layer["attention"]["kept_heads"]) for layer in arch["layers"]]
     channels = [layer["mlp"]["kept_channels_count"] for layer in arch["layers"]]
     return {

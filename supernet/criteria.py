@@ -17,14 +17,16 @@ Pure tensor math, no I/O. ``W`` is the projection weight transposed, ``(d_in, d_
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from tyr.supernet.pruner import PrunerOptions, accumulate_hessian, prune_levels
+from tyr.supernet.units import unit_rows
 
-CRITERIA = ("tyr", "magnitude", "wanda-sp", "flap")
 _COMPUTE = torch.float64
 
 
@@ -75,50 +77,147 @@ class LevelResult:
     bias: torch.Tensor | None = None
 
 
+class Criterion(ABC):
+    """A local pruning criterion: which units of one output projection to keep at every ladder level.
+
+    Subclasses set `name` and implement `prune`; `register_criterion` makes them `supernet.criterion: <name>`.
+    """
+
+    name: ClassVar[str]
+    # May give a pruned projection an output bias it did not have (FLAP's compensation): the budget then
+    # counts d_out more parameters per pruned module, and the dense-masked export cannot hold it.
+    adds_output_bias: ClassVar[bool] = False
+
+    @abstractmethod
+    def prune(
+        self,
+        stats: InputStats,
+        W: torch.Tensor,
+        group_size: int,
+        num_remove_per_level: Sequence[int],
+        options: PrunerOptions,
+    ) -> list[LevelResult]:
+        """Prune the dense ``W`` (d_in, d_out) once per removal count; one LevelResult per count."""
+
+
+class ScoreCriterion(Criterion):
+    """Score-only criteria: drop the lowest-scoring units, keep the surviving columns unchanged."""
+
+    @abstractmethod
+    def row_scores(self, stats: InputStats, w: torch.Tensor) -> torch.Tensor:
+        """Importance of every input row of ``w`` (d_in, d_out) float64; a unit's score is its rows' sum."""
+
+    def compensation(
+        self, stats: InputStats, w: torch.Tensor, removed_rows: torch.Tensor
+    ) -> torch.Tensor | None:
+        """An output bias standing in for the removed rows (None: no compensation)."""
+        return None
+
+    def scores(self, stats: InputStats, w: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Importance of every unit (higher = keep)."""
+        return self.row_scores(stats, w).view(-1, group_size).sum(1)
+
+    def prune(self, stats, W, group_size, num_remove_per_level, options=None) -> list[LevelResult]:
+        w = W.to(device=stats.hessian.device, dtype=_COMPUTE)
+        num_groups = w.shape[0] // group_size
+        order = torch.sort(
+            self.scores(stats, w, group_size), stable=True
+        ).indices  # lowest first: removed first
+        out = []
+        for num_remove in num_remove_per_level:
+            if not 0 <= num_remove <= num_groups:
+                raise ValueError(f"num_remove must be in [0, {num_groups}], got {num_remove}")
+            kept = torch.sort(order[num_remove:]).values
+            bias = None
+            if num_remove > 0:
+                bias = self.compensation(
+                    stats, w, unit_rows(torch.sort(order[:num_remove]).values, group_size)
+                )
+            rows = unit_rows(kept, group_size)
+            out.append(LevelResult(kept, w.index_select(0, rows).to(torch.float32), bias))
+        return out
+
+
+CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: make `cls` available as `supernet.criterion: <cls.name>`."""
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+def criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {name!r}; expected one of {', '.join(CRITERIA)}")
+    return CRITERIA[name]()
+
+
+@register_criterion
+class TyrCriterion(Criterion):
+    """Second-order OBS mask selection plus an exact least-squares re-fit (supernet/pruner.py)."""
+
+    name = "tyr"
+
+    def prune(self, stats, W, group_size, num_remove_per_level, options=None) -> list[LevelResult]:
+        options = options if options is not None else PrunerOptions()
+        results = prune_levels(stats.hessian, W, group_size, num_remove_per_level, options)
+        return [LevelResult(kept, weight) for kept, weight in results]
+
+
+@register_criterion
+class Magnitude(ScoreCriterion):
+    """``sum ||W_j||^2`` over the unit's rows (Torch-Pruning's L2 group norm)."""
+
+    name = "magnitude"
+
+    def row_scores(self, stats, w):
+        return w.square().sum(1)
+
+
+@register_criterion
+class WandaSP(ScoreCriterion):
+    """``sum_i |W_ji| * ||X_j||`` (Wanda's |W|·‖X‖ score summed per structured group)."""
+
+    name = "wanda-sp"
+
+    def row_scores(self, stats, w):
+        return w.abs().sum(1) * stats.hessian.diagonal().to(_COMPUTE).clamp_min(0.0).sqrt()
+
+
+@register_criterion
+class Flap(ScoreCriterion):
+    """``Var(X_j) * ||W_j||^2`` (FLAP's fluctuation) with FLAP's bias compensation: the removed rows' mean
+    contribution ``sum_{j removed} E[X_j] W_j`` becomes an output bias."""
+
+    name = "flap"
+    adds_output_bias = True
+
+    def row_scores(self, stats, w):
+        return stats.variance.to(w.device) * w.square().sum(1)
+
+    def compensation(self, stats, w, removed_rows):
+        return (stats.mean.to(w.device)[removed_rows] @ w[removed_rows]).to(torch.float32)
+
+
 def prune_by_criterion(
-    criterion: str,
+    name: str,
     stats: InputStats,
     W: torch.Tensor,
     group_size: int,
     num_remove_per_level: Sequence[int],
     options: PrunerOptions = PrunerOptions(),  # noqa: B008 - frozen, immutable default
 ) -> list[LevelResult]:
-    """Prune the dense ``W`` once per removal count with ``criterion`` (one of :data:`CRITERIA`)."""
-    if criterion == "tyr":
-        results = prune_levels(stats.hessian, W, group_size, num_remove_per_level, options)
-        return [LevelResult(kept, weight) for kept, weight in results]
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
-    w = W.to(device=stats.hessian.device, dtype=_COMPUTE)
-    num_groups = w.shape[0] // group_size
-    scores = group_scores(criterion, stats, w, group_size)
-    order = torch.sort(scores, stable=True).indices  # lowest score first: removed first
-    out = []
-    for num_remove in num_remove_per_level:
-        if not 0 <= num_remove <= num_groups:
-            raise ValueError(f"num_remove must be in [0, {num_groups}], got {num_remove}")
-        kept = torch.sort(order[num_remove:]).values
-        rows = _rows(kept, group_size)
-        bias = None
-        if criterion == "flap" and num_remove > 0:
-            removed = _rows(torch.sort(order[:num_remove]).values, group_size)
-            bias = (stats.mean.to(w.device)[removed] @ w[removed]).to(torch.float32)
-        out.append(LevelResult(kept, w.index_select(0, rows).to(torch.float32), bias))
-    return out
+    """Prune the dense ``W`` once per removal count with the registered criterion `name`."""
+    return criterion(name).prune(stats, W, group_size, num_remove_per_level, options)
 
 
-def group_scores(criterion: str, stats: InputStats, w: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_scores(name: str, stats: InputStats, w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Importance of every unit (higher = keep) under a score-only criterion."""
-    if criterion == "magnitude":
-        per_row = w.square().sum(1)
-    elif criterion == "wanda-sp":
-        norms = stats.hessian.diagonal().to(_COMPUTE).clamp_min(0.0).sqrt()
-        per_row = w.abs().sum(1) * norms
-    elif criterion == "flap":
-        per_row = stats.variance.to(w.device) * w.square().sum(1)
-    else:
-        raise ValueError(f"{criterion!r} is not a score-only criterion")
-    return per_row.view(-1, group_size).sum(1)
+    crit = criterion(name)
+    if not isinstance(crit, ScoreCriterion):
+        raise ValueError(f"{name!r} is not a score-only criterion")
+    return crit.scores(stats, w, group_size)
 
 
 def reconstruction_errors(
@@ -136,7 +235,7 @@ def reconstruction_errors(
     errors = []
     for result in results:
         diff = w.clone()
-        rows = _rows(result.kept.to(h.device), group_size)
+        rows = unit_rows(result.kept.to(h.device), group_size)
         diff[rows] -= result.weight.to(device=h.device, dtype=torch.float32)
         err = float((diff * (h @ diff)).sum())
         if result.bias is not None:  # residual is x D - b: expand the square with the token sum and count
@@ -144,8 +243,3 @@ def reconstruction_errors(
             err += -2.0 * float(stats.total.float() @ diff @ b) + stats.count * float(b.square().sum())
         errors.append(max(err, 0.0) / dense if dense > 0 else 0.0)
     return errors
-
-
-def _rows(groups: torch.Tensor, group_size: int) -> torch.Tensor:
-    offsets = torch.arange(group_size, dtype=torch.int64, device=groups.device)
-    return (groups.to(torch.int64)[:, None] * group_size + offsets).reshape(-1)

@@ -172,10 +172,6 @@ class SupernetStore:
         }
         self._write_manifest()
 
-    def forget_gene(self, gene: Gene) -> None:
-        self._genes.pop(gene.name, None)
-        self._write_manifest()
-
     def _write_manifest(self) -> None:
         atomic_write_json(
             self.directory / MANIFEST,

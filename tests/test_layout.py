@@ -82,3 +82,31 @@ def test_installed_namespace_from_another_directory(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr + result.stdout
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """String constants of a file (f-string parts included), docstrings excluded."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_only_the_run_directory_type_knows_the_layout():
+    """`iter-N/` and `result.json` are spelled out in tyr/rundir.py alone."""
+    hits = [
+        f"{p.relative_to(ROOT)}:{line}: {text!r}"
+        for p in _python_files("tyr", *INNER, "benchmarks")
+        if p.name != "rundir.py"
+        for line, text in _string_literals(p)
+        if "iter-" in text or "result.json" in text
+    ]
+    assert not hits, "use tyr.rundir.RunDir for run-directory paths:\n" + "\n".join(hits)

@@ -79,11 +79,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from tyr import pipeline
 
     cfg = _config_from_args(args)
-    run = pipeline.open_run_dir(args.out, cfg, args.force)
-    session = pipeline.open_session(cfg, progress=not args.quiet)
+    run, session = pipeline.open_run(cfg, args.out, args.force, progress=not args.quiet)
     centres = pipeline.uniform_centres(session.adapter, cfg)
     store, report = pipeline.build_iteration_supernet(
-        session, run / "iter-1" / "supernet", centres, iteration=1, progress=not args.quiet
+        session, run.supernet_dir(1), centres, iteration=1, progress=not args.quiet
     )
     print(pipeline.describe_supernet(session, store, report))
     return 0
@@ -92,19 +91,22 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole pipeline; re-running the same command resumes."""
     from tyr.run import run
+    from tyr.rundir import RunDir
 
     cfg = _config_from_args(args)
     run(cfg, args.out, force=args.force, progress=not args.quiet, verbose=args.verbose)
-    print(
-        f"[tyr] done: {Path(args.out) / 'final' / 'architecture.json'}, {Path(args.out) / 'final' / 'metrics.json'}"
-    )
+    done = RunDir(args.out)
+    print(f"[tyr] done: {done.architecture_path}, {done.metrics_path}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tyr.status import run_status
+    from tyr.status import run_progress, run_status
 
-    print("\n".join(run_status(args.run)))
+    if args.json:
+        print(json.dumps(run_progress(args.run).to_json(), indent=2))
+    else:
+        print("\n".join(run_status(args.run)))
     return 0
 
 
@@ -136,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="where a run stands: stage, generation, best fitness, time left")
     status.add_argument("run", help="run directory")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: stage, iteration, generation, best_fitness, eta_s, finished, per-iteration detail",
+    )
     status.set_defaults(func=cmd_status)
     report = sub.add_parser("report", help="report.md and plots (allocation, fitness) for a run directory")
     report.add_argument("run", help="run directory")

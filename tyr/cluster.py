@@ -32,6 +32,7 @@ import numpy as np
 
 from tyr.config import RunConfig, to_dict
 from tyr.errors import TyrError
+from tyr.rundir import RunDir
 from tyr.search.scheduling import WorkQueue
 from tyr.search.space import Genome
 
@@ -169,7 +170,7 @@ class _Worker:
         if multi_gpu:
             session.model = _dispatch_over_gpus(session.model)
             self.device_name = f"{torch.cuda.device_count()} GPUs"
-        targets = TeacherTargets.open(Path(spec["run_dir"]) / "teacher")
+        targets = TeacherTargets.open(RunDir(spec["run_dir"]).teacher_dir)
         if targets.k != cfg.search.topk:
             raise TyrError(
                 f"teacher targets in {targets.directory} have k={targets.k} but search.topk={cfg.search.topk}"
@@ -349,10 +350,8 @@ class RayWorkerPool:
         if max_retries < 0:
             raise TyrError(f"max_retries must be >= 0, got {max_retries}")
         self.run_dir = Path(run_dir).resolve()
-        if not (self.run_dir / "teacher" / "meta.json").is_file():
-            raise TyrError(
-                f"{self.run_dir} holds no teacher targets (teacher/meta.json): not a run directory"
-            )
+        if not RunDir(self.run_dir).has_teacher():
+            raise TyrError(f"{self.run_dir} holds no teacher targets: not a run directory")
         self.num_workers = num_workers
         self.num_cpus = float(num_cpus_per_worker)
         self.num_gpus = float(num_gpus_per_worker)

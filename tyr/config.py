@@ -20,10 +20,6 @@ from tyr.errors import TyrError
 
 Accumulation = Literal["expectation", "uniform_mean", "center", "none"]
 ACCUMULATION_MODES = ("expectation", "uniform_mean", "center", "none")
-Criterion = Literal["tyr", "magnitude", "wanda-sp", "flap"]
-Method = Literal["evolution", "uniform", "owl", "layer-error", "random", "optuna"]
-# Methods that pick an allocation once from iteration 1's supernet (no coarse-to-fine iterations).
-ONE_SHOT_METHODS = ("uniform", "owl", "layer-error")
 
 
 @dataclass
@@ -64,7 +60,7 @@ class SupernetConfig:
     accumulation: Accumulation = "expectation"
     # Local pruning criterion (supernet/criteria.py): tyr = second-order OBS + least-squares refit (the
     # default); magnitude, wanda-sp and flap are the score-only baselines (flap adds a bias compensation).
-    criterion: Criterion = "tyr"
+    criterion: str = "tyr"  # a name registered in tyr.supernet.criteria.CRITERIA
     damp: float = 0.01
     use_hessian: bool = True  # ablation switches of the local pruner (paper Table 7)
     # Off by default: the signed first-order term of the official code (Σ W_g ⊙ G_g, G = H·W) measurably hurts
@@ -82,7 +78,7 @@ class SearchConfig:
 
     # evolution = the EvoPress-style search below; uniform/owl/layer-error are one-shot allocations from
     # iteration 1's supernet; random/optuna search with as many fitness evaluations as the evolution would use.
-    method: Method = "evolution"
+    method: str = "evolution"  # a name registered in tyr.methods.METHODS
     num_iterations: int = 2
     generations: list[int] = field(default_factory=lambda: [6, 4])  # per iteration
     num_offspring: int = 16
@@ -133,6 +129,10 @@ class RunConfig:
             raise TyrError(f"supernet.num_levels must be a positive odd number, got {sn.num_levels}")
         if not (0.0 <= self.search.owl_lambda < 1.0) or self.search.owl_threshold <= 0:
             raise TyrError("search.owl_lambda must be in [0, 1) and search.owl_threshold > 0")
+        from tyr.supernet.criteria import CRITERIA
+
+        if sn.criterion not in CRITERIA:
+            raise TyrError(f"supernet.criterion must be one of {', '.join(CRITERIA)}, got {sn.criterion!r}")
         if sn.accumulation not in ACCUMULATION_MODES:
             raise TyrError(f"supernet.accumulation must be one of {', '.join(ACCUMULATION_MODES)}")
         for name in ("attn_step", "mlp_step"):
@@ -170,7 +170,11 @@ class RunConfig:
         for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
             if getattr(se, name) < 1:
                 raise TyrError(f"search.{name} must be >= 1, got {getattr(se, name)}")
-        if se.method not in ("evolution", "uniform") and se.budget != "per_type":
+        from tyr.methods import METHODS
+
+        if se.method not in METHODS:
+            raise TyrError(f"search.method must be one of {', '.join(METHODS)}, got {se.method!r}")
+        if not METHODS[se.method].joint_budget and se.budget != "per_type":
             raise TyrError(
                 f"search.method={se.method} allocates under search.budget=per_type only (it holds each module "
                 "type's unit count exactly); set search.budget=per_type or use method evolution"
@@ -302,14 +306,30 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+# Settings that cannot change a result (where fitness runs, how memory is placed, logging): not part of a
+# run's identity, so a run may be resumed with other values. Dotted keys name one setting of a section.
 IDENTITY_EXCLUDED = ("backend",)
 
 
 def identity_dict(cfg: Any) -> dict:
-    """The config minus settings that cannot change results (the fitness backend)."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in IDENTITY_EXCLUDED}
+    """The config minus the settings in IDENTITY_EXCLUDED."""
+    out = to_dict(cfg)
+    for key in IDENTITY_EXCLUDED:
+        section, _, name = key.rpartition(".")
+        node = out.get(section, {}) if section else out
+        node.pop(name, None)
+    return out
 
 
 def dump_yaml(cfg: Any) -> str:
-    """The run's identity as YAML (written to RUN/config.yaml and hashed into fingerprints)."""
+    """The run's identity as YAML (written to RUN/config.yaml, whose hash is in every checkpoint)."""
     return yaml.safe_dump(identity_dict(cfg), sort_keys=False)
+
+
+def config_from_stored(stored: dict, where: str = "config.yaml") -> RunConfig:
+    """The RunConfig of a stored config.yaml: keys it lacks (written before they existed) read as their
+    defaults, which reproduce the older behaviour. TyrError for unknown keys or bad values."""
+    try:
+        return from_dict(RunConfig, stored)
+    except TyrError as e:
+        raise TyrError(f"{where}: {e}") from None

@@ -74,14 +74,12 @@ def layer_shapes(adapter: ModelAdapter, variants: Sequence[Variant | None]) -> l
     for i in range(adapter.num_layers):
         attn, mlp = variants[2 * i], variants[2 * i + 1]
         heads = _kept(attn, adapter.num_heads)
-        kv = adapter.kept_kv_heads(heads)
-        pos = {h: j for j, h in enumerate(kv)}
-        index = tuple(pos[adapter.kv_head_of(h)] for h in heads)
+        units = adapter.units("attn")
         shapes.append(
             LayerShape(
                 heads,
-                tuple(kv),
-                index,
+                tuple(units.kept_kv_heads(heads)),
+                tuple(units.kv_index(heads)),
                 _kept(mlp, adapter.intermediate_size),
                 o_bias=_adds_bias(attn) and not adapter.o_bias,
                 down_bias=_adds_bias(mlp) and not adapter.mlp_bias,
@@ -252,19 +250,13 @@ def _realised_state(
     """
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if fmt == "dense-masked":
-        hd = adapter.head_dim
         for i, s in enumerate(shapes):
             prefix = f"model.layers.{i}."
-            q_rows = _pruned_rows(s.kept_heads, adapter.num_heads, hd)
-            kv_rows = _pruned_rows(s.kept_kv_heads, adapter.num_kv_heads, hd)
-            ch_rows = _pruned_rows(s.kept_channels, adapter.intermediate_size, 1)
-            for name, rows in (
-                ("self_attn.q_proj", q_rows),
-                ("self_attn.k_proj", kv_rows),
-                ("self_attn.v_proj", kv_rows),
-                ("mlp.gate_proj", ch_rows),
-                ("mlp.up_proj", ch_rows),
-            ):
+            dropped = {
+                **{f"self_attn.{n}": r for n, r in adapter.units("attn").dropped_rows(s.kept_heads).items()},
+                **{f"mlp.{n}": r for n, r in adapter.units("mlp").dropped_rows(s.kept_channels).items()},
+            }
+            for name, rows in dropped.items():
                 if rows.numel() == 0:
                     continue
                 for suffix in ("weight", "bias"):
@@ -277,14 +269,6 @@ def _realised_state(
     if tied and head is not None and embed is not None and head.data_ptr() == embed.data_ptr():
         del state["lm_head.weight"]
     return state
-
-
-def _pruned_rows(kept: Iterable[int], num_units: int, group: int) -> torch.Tensor:
-    import torch
-
-    kept_set = set(kept)
-    units = [u for u in range(num_units) if u not in kept_set]
-    return torch.tensor([u * group + j for u in units for j in range(group)], dtype=torch.long)
 
 
 def write_weights(
@@ -635,41 +619,32 @@ class RunFinal:
 
 
 def read_run(run: str | os.PathLike) -> RunFinal:
-    """Check that ``run`` is a finished Tyr run and find its final genome (last iteration) and supernet."""
-    from tyr.config import resolve_config
+    """Check that ``run`` is a finished Tyr run and find its final genome and the supernet it comes from."""
+    from tyr.rundir import RunDir
 
-    run = Path(run)
-    if not run.exists():
-        raise TyrError(f"run directory {run} does not exist")
-    if not (run / "config.yaml").is_file():
+    rd = RunDir(run)
+    if not rd.path.exists():
+        raise TyrError(f"run directory {rd.path} does not exist")
+    cfg = rd.load_config()
+    if not rd.architecture_path.is_file():
         raise TyrError(
-            f"{run} is not a Tyr run directory (no config.yaml); pass the --out folder of `tyr run`"
+            f"the run in {rd.path} has not finished (no {rd.relative(rd.architecture_path)}); re-run the same "
+            "`tyr run` command to finish it"
         )
-    cfg = resolve_config(str(run / "config.yaml"), [])
-    arch_path = run / "final" / ARCHITECTURE_FILE
-    if not arch_path.is_file():
+    architecture = _read_json(rd.architecture_path)
+    metrics = _read_json(rd.metrics_path) if rd.metrics_path.is_file() else None
+    selection = rd.selection()
+    supernet = rd.supernet_dir(selection.iteration)
+    manifest = rd.read_manifest(selection.iteration)
+    if manifest is None:
         raise TyrError(
-            f"the run in {run} has not finished (no final/{ARCHITECTURE_FILE}); re-run the same `tyr run` "
-            "command to finish it"
+            f"{rd.relative(supernet)} (the supernet of the final genome) is missing or unreadable; "
+            "the run directory is incomplete"
         )
-    architecture = _read_json(arch_path)
-    metrics_path = run / "final" / "metrics.json"
-    metrics = _read_json(metrics_path) if metrics_path.is_file() else None
-    iteration = cfg.search.num_iterations
-    result_path = run / f"iter-{iteration}" / "result.json"
-    if not result_path.is_file():
-        raise TyrError(f"{result_path} is missing; the run directory is incomplete (re-run `tyr run`)")
-    result = _read_json(result_path)
-    try:
-        genome = tuple(int(x) for x in result["genome"])
-    except (KeyError, TypeError, ValueError):
-        raise TyrError(f"{result_path} has no genome; delete it and re-run `tyr run`") from None
-    supernet = run / f"iter-{iteration}" / "supernet"
-    manifest = supernet / "manifest.json"
-    dtype = None
-    if manifest.is_file():
-        dtype = (_read_json(manifest).get("fingerprint") or {}).get("dtype")
-    return RunFinal(run, cfg, architecture, metrics, iteration, genome, supernet, dtype)
+    dtype = (manifest.get("fingerprint") or {}).get("dtype")
+    return RunFinal(
+        rd.path, cfg, architecture, metrics, selection.iteration, selection.genome, supernet, dtype
+    )
 
 
 def _read_json(path: Path) -> dict:

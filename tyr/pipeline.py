@@ -5,17 +5,17 @@ Reads as a list of named steps; the algorithms live in `supernet/`, `search/` an
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tyr.config import RunConfig, dump_yaml, identity_dict, to_dict
+from tyr.config import RunConfig, dump_yaml, identity_dict
 from tyr.data import TextSource, calibration_tokens
 from tyr.errors import TyrError
-from tyr.io import atomic_write_text, sha256_json, sha256_tensor
+from tyr.io import sha256_json, sha256_tensor
 from tyr.models import ResolvedModel, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from tyr.rundir import RunDir
 from tyr.supernet.builder import BuildPlan, BuildReport, build_supernet
 from tyr.supernet.families import ModelAdapter, adapter_for
 from tyr.supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_units
@@ -35,63 +35,31 @@ class Session:
     adapter: ModelAdapter
     calibration: torch.Tensor  # (num_sequences, seq_len) int64
     device: torch.device
+    # The run's identity as stored in RUN/config.yaml (fingerprints hash it, so that a setting added to Tyr
+    # later does not change the fingerprints of existing runs); the current config's when there is no run.
+    identity: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.identity:
+            self.identity = identity_dict(self.cfg)
 
 
-def open_run_dir(out: str | Path, cfg: RunConfig, force: bool) -> Path:
-    """Create RUN/ or reopen it for resume; a RUN holding a different config is refused unless `force`."""
-    run = Path(out)
-    config_path = run / "config.yaml"
-    text = dump_yaml(cfg)
-    if config_path.exists():
-        if config_path.read_text() != text:
-            if not force:
-                raise TyrError(
-                    f"{run} holds a run with a different config ({_config_difference(config_path, cfg)}); "
-                    "use another --out, or --force to discard that run"
-                )
-            shutil.rmtree(run)
-    elif run.exists() and any(run.iterdir()):
-        if not force:
-            raise TyrError(
-                f"output folder {run} is not empty and holds no Tyr run; use another --out or --force"
-            )
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, text)
-    return run
+def open_run(cfg: RunConfig, out: str | Path, force: bool, progress: bool = True) -> tuple[RunDir, Session]:
+    """Open RUN/ for `cfg` (new, resumed, or replaced with `force`) and load what the run works on.
 
-
-def _config_difference(path: Path, cfg: RunConfig) -> str:
-    import yaml
-
-    old = yaml.safe_load(path.read_text()) or {}
-    new = identity_dict(cfg)
-    missing = _missing_keys(old, new)
-    if missing:
-        return (
-            f"it was written by another version of Tyr, without the setting(s) {', '.join(missing)}; finish it "
-            "with that version"
-        )
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    return f"{section}.{key}: {a.get(key)!r} there vs {b.get(key)!r} now"
-        elif a != b:
-            return f"{section}: {a!r} there vs {b!r} now"
-    return "formatting"
-
-
-def _missing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys of the current config that a stored config lacks (it came from an older Tyr)."""
-    out = []
-    for key, value in new.items():
-        if key not in old:
-            out.append(prefix + key)
-        elif isinstance(value, dict) and isinstance(old[key], dict):
-            out += _missing_keys(old[key], value, f"{prefix}{key}.")
-    return out
+    Checks come first and nothing is written before the model and the data have loaded: a typo in a path
+    never costs an existing run. A RUN holding a different config is refused unless `force`, and `force`
+    replaces only a folder Tyr wrote.
+    """
+    run = RunDir(out)
+    identity = dump_yaml(cfg)
+    model_path = Path(cfg.model.name).expanduser()
+    protect = (model_path,) if model_path.exists() else ()
+    action = run.check_open(identity, force, protect)
+    session = open_session(cfg, progress=progress)
+    run.open(identity, action)
+    session.identity = run.read_config()
+    return run, session
 
 
 def open_session(cfg: RunConfig, progress: bool = True) -> Session:
@@ -177,13 +145,12 @@ def build_plan(cfg: RunConfig, ladders: list[Ladder]) -> BuildPlan:
 
 def supernet_fingerprint(session: Session, ladders: list[Ladder]) -> dict:
     """What a supernet depends on; a stored supernet with another fingerprint is never reused."""
-    cfg = session.cfg
     return {
         "model": session.resolved.identity,
         "model_config": sha256_json(session.model.config.to_dict()),
         "dtype": str(next(session.model.parameters()).dtype),
         "calibration": sha256_tensor(session.calibration),
-        "supernet": to_dict(cfg.supernet),
+        "supernet": session.identity["supernet"],
         "ladders": [
             [ld.gene.name, ld.num_units, ld.centre_removed, ld.step, list(ld.levels)] for ld in ladders
         ],

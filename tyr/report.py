@@ -13,16 +13,8 @@ from pathlib import Path
 
 from tyr.errors import TyrError
 from tyr.io import atomic_write_bytes, atomic_write_text
-from tyr.status import (
-    criterion_of,
-    format_kl,
-    is_one_shot,
-    method_of,
-    planned_generations,
-    read_config,
-    read_history,
-    read_json,
-)
+from tyr.rundir import RunDir
+from tyr.status import criterion_of, format_kl, is_one_shot, method_of, planned_generations
 
 KINDS = ("attn", "mlp")
 
@@ -69,7 +61,7 @@ class Iteration:
 class RunFiles:
     """A run directory's files, parsed; None / empty where a file does not exist (yet)."""
 
-    run: Path
+    run: RunDir
     config: dict
     teacher: bool
     units: dict[tuple[int, str], tuple[int, int]]  # (layer, kind) -> (num_units, centre_removed), iteration 1
@@ -98,7 +90,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write OUT/report.md and OUT/plots/*.png for `run_dir` (OUT defaults to the run directory)."""
     _require_matplotlib()  # fail before writing anything
     files = load_run(Path(run_dir))
-    out_dir = Path(out) if out is not None else files.run
+    out_dir = Path(out) if out is not None else files.run.path
     alloc = allocation(files)
     plots: dict[str, str] = {}
     if alloc is not None:
@@ -123,18 +115,19 @@ def _require_matplotlib() -> None:
 # ---- reading -------------------------------------------------------------------------------------
 
 
-def load_run(run: Path) -> RunFiles:
+def load_run(run_dir: Path) -> RunFiles:
     """Parse whatever a run directory holds; TyrError when it is not a run directory."""
-    cfg = read_config(run)
-    manifest = read_json(run / "iter-1" / "supernet" / "manifest.json")
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    manifest = run.read_manifest(1)
     return RunFiles(
         run=run,
         config=cfg,
-        teacher=(run / "teacher" / "meta.json").is_file(),
+        teacher=run.has_teacher(),
         units=_gene_units(manifest) if isinstance(manifest, dict) else {},
         iterations=[_iteration(run, cfg, i, n) for i, n in enumerate(planned_generations(cfg), start=1)],
-        architecture=read_json(run / "final" / "architecture.json"),
-        metrics=read_json(run / "final" / "metrics.json"),
+        architecture=run.read_architecture(),
+        metrics=run.read_metrics(),
     )
 
 
@@ -149,38 +142,40 @@ def _gene_units(manifest: dict) -> dict[tuple[int, str], tuple[int, int]]:
     return units
 
 
-def _iteration(run: Path, cfg: dict, index: int, planned: int) -> Iteration:
-    it_dir = run / f"iter-{index}"
+def _iteration(run: RunDir, cfg: dict, index: int, planned: int) -> Iteration:
     if is_one_shot(cfg):
         planned = 0  # one-shot methods pick their allocation without generations
-        if index > 1 and not it_dir.exists():
+        if index > 1 and not run.iteration_dir(index).exists():
             return Iteration(index, planned, f"not needed (method {method_of(cfg)} is one-shot)")
     it = Iteration(
         index,
         planned,
         "pending",
-        result=read_json(it_dir / "result.json"),
-        state=read_json(it_dir / "search" / "state.json"),
-        history=read_history(it_dir / "search" / "history.jsonl"),
+        result=run.read_result(index),
+        state=run.read_state(index),
+        history=run.read_history(index),
     )
     if it.result is not None:
         it.status = "done"
     elif it.state is not None or it.history:
         it.status = "searching"
-    elif (it_dir / "supernet" / "manifest.json").is_file():
+    elif run.manifest_path(index).is_file():
         it.status = "building the supernet"
     return it
 
 
 def missing_items(files: RunFiles) -> list[str]:
     """What an unfinished run still lacks, in pipeline order."""
-    items = [] if files.teacher else ["teacher targets (teacher/meta.json)"]
+    run = files.run
+    items = [] if files.teacher else [f"teacher targets ({run.relative(run.teacher_dir / 'meta.json')})"]
     for it in files.iterations:
         if it.status != "done" and not it.status.startswith("not needed"):
-            items.append(f"iteration {it.index} result (iter-{it.index}/result.json; {it.status})")
-    for name in ("architecture", "metrics"):
+            items.append(
+                f"iteration {it.index} result ({run.relative(run.result_path(it.index))}; {it.status})"
+            )
+    for name, path in (("architecture", run.architecture_path), ("metrics", run.metrics_path)):
         if getattr(files, name) is None:
-            items.append(f"final {name} (final/{name}.json)")
+            items.append(f"final {name} ({run.relative(path)})")
     return items
 
 
@@ -323,7 +318,7 @@ def _png(fig) -> bytes:
 def render_markdown(files: RunFiles, alloc: Allocation | None, plots: dict[str, str]) -> str:
     """The whole report.md, section by section."""
     sections = [
-        f"# Tyr run report: `{files.run.name or files.run}`\n\n"
+        f"# Tyr run report: `{files.run.path.name or files.run.path}`\n\n"
         + (
             "Run finished."
             if files.finished
@@ -333,7 +328,7 @@ def render_markdown(files: RunFiles, alloc: Allocation | None, plots: dict[str, 
         _missing(files),
         _metrics(files.metrics),
         _iterations(files, plots.get("fitness")),
-        _allocation(alloc, plots.get("allocation")),
+        _allocation(alloc, plots.get("allocation"), files.run),
     ]
     return "\n\n".join(s for s in sections if s) + "\n"
 
@@ -386,7 +381,7 @@ def _missing(files: RunFiles) -> str:
 
 def _metrics(metrics: dict | None) -> str:
     if metrics is None:
-        return "## Held-out metrics\n\nNot measured yet (final/metrics.json is missing)."
+        return "## Held-out metrics\n\nNot measured yet (final metrics are missing)."
     rows = []
     for name in ("dense", "uniform", "searched"):
         m = metrics.get(name)
@@ -435,9 +430,9 @@ def _iterations(files: RunFiles, fitness_plot: str | None) -> str:
     return text
 
 
-def _allocation(alloc: Allocation | None, plot: str | None) -> str:
+def _allocation(alloc: Allocation | None, plot: str | None, run: RunDir) -> str:
     if alloc is None:
-        return "## Allocation\n\nNo allocation yet (iter-1/supernet/manifest.json is missing)."
+        return f"## Allocation\n\nNo allocation yet ({run.relative(run.manifest_path(1))} is missing)."
     text = "## Allocation\n\n"
     if plot:
         text += f"![kept units per layer]({plot})\n\n"

@@ -7,24 +7,23 @@ and ends with the same result as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tyr import methods, pipeline
-from tyr.config import ONE_SHOT_METHODS, RunConfig, dump_yaml
+from tyr.config import RunConfig
 from tyr.data import TextSource, evaluation_tokens
 from tyr.errors import TyrError
 from tyr.evaluators.kl import sparse_kl
 from tyr.evaluators.perplexity import perplexity
 from tyr.evaluators.teacher import TeacherTargets, compute_and_save_teacher_targets, compute_teacher_targets
-from tyr.io import atomic_write_json, sha256_tensor, sha256_text
+from tyr.io import atomic_write_json, sha256_tensor
+from tyr.rundir import RunDir, Selection
 from tyr.search.evaluator import SerialEvaluator
-from tyr.search.evolution import EvolutionConfig, GenerationResult, Stage
+from tyr.search.evolution import EvolutionConfig, Stage
 from tyr.search.space import Budget, GeneLadder, SearchSpace
-from tyr.search.state import evolve
+from tyr.supernet.criteria import CRITERIA
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.variant import genes_of
 
@@ -35,15 +34,15 @@ class IterationResult:
     genome: tuple[int, ...]
     fitness: float | None
     centres: list[int]  # units removed per gene at the chosen levels (the next iteration's centres)
+    method: str | None = None
 
 
 def run(
     cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True, verbose: bool = False
 ) -> dict:
     """The whole pipeline; returns the final metrics (also written to RUN/final/metrics.json)."""
-    run_dir = pipeline.open_run_dir(out, cfg, force)
-    session = pipeline.open_session(cfg, progress=progress)
-    targets = ensure_teacher_targets(session, run_dir / "teacher", progress)
+    run_dir, session = pipeline.open_run(cfg, out, force, progress)
+    targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress)
     make_evaluator, close_backend = fitness_backend(session, targets, run_dir, progress, verbose)
     centres = pipeline.uniform_centres(session.adapter, cfg)
     result = None
@@ -58,11 +57,11 @@ def run(
 
 def num_iterations(cfg: RunConfig) -> int:
     """One-shot methods pick their allocation from iteration 1's supernet; the others refine coarse to fine."""
-    return 1 if cfg.search.method in ONE_SHOT_METHODS else cfg.search.num_iterations
+    return 1 if methods.is_one_shot(cfg.search.method) else cfg.search.num_iterations
 
 
 def fitness_backend(
-    session: pipeline.Session, targets: TeacherTargets, run_dir: Path, progress: bool, verbose: bool = False
+    session: pipeline.Session, targets: TeacherTargets, run_dir: RunDir, progress: bool, verbose: bool = False
 ) -> tuple[Callable[[SupernetStore], object], Callable[[], None]]:
     """(make_evaluator(store), close()) for `cfg.backend`; Ray workers start on first use."""
     cfg = session.cfg
@@ -72,7 +71,7 @@ def fitness_backend(
         b = cfg.backend
         factory = ray_evaluator_factory(
             cfg,
-            run_dir,
+            run_dir.path,
             b.num_workers,
             address=b.address,
             num_cpus_per_worker=b.num_cpus_per_worker,
@@ -122,75 +121,42 @@ def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress:
 def run_iteration(
     session: pipeline.Session,
     targets: TeacherTargets,
-    run_dir: Path,
+    run_dir: RunDir,
     iteration: int,
     centres: list[int],
     make_evaluator: Callable[[SupernetStore], object],
     progress: bool = True,
 ) -> IterationResult:
-    """Build the supernet around `centres` with this iteration's step, then search from its centre."""
-    it_dir = run_dir / f"iter-{iteration}"
-    result_path = it_dir / "result.json"
-    if result_path.is_file():
-        return _read_result(result_path)
+    """Build the supernet around `centres` with this iteration's step, then let the method choose."""
+    if run_dir.result_path(iteration).is_file():
+        return _read_result(run_dir, iteration)
     _log(f"iteration {iteration}: building the supernet")
     store, report = pipeline.build_iteration_supernet(
-        session, it_dir / "supernet", centres, iteration, progress=progress
+        session, run_dir.supernet_dir(iteration), centres, iteration, progress=progress
     )
     _log(
         f"iteration {iteration}: supernet ready ({report.genes_built} genes built, {report.genes_reused} reused, "
         f"{report.seconds:.0f} s)"
     )
-    space = search_space(session, store)
     cfg = session.cfg
-    if cfg.search.method != "evolution":
-        allocation = methods.allocate(
-            session,
-            store,
-            space,
-            iteration,
-            it_dir,
-            make_evaluator,
-            lambda generations: evolution_config(cfg, generations),
-            _log,
-        )
-        return _save_result(session, store, result_path, iteration, allocation)
-    evaluator = make_evaluator(store)
-    start = tuple(0 for _ in space.genes)
-    num_generations = cfg.search.generations[iteration - 1]
-    try:
-        state = evolve(
-            space,
-            evolution_config(cfg, num_generations),
-            evaluator,
-            start,
-            seed=cfg.seed + iteration,
-            state_path=it_dir / "search" / "state.json",
-            history_path=it_dir / "search" / "history.jsonl",
-            identity={
-                "config": sha256_text(dump_yaml(cfg)),
-                "supernet": store.fingerprint_hash,
-                "iteration": iteration,
-            },
-            num_sequences=targets.num_sequences,
-            seq_len=targets.seq_len,
-            on_generation=_generation_logger(iteration, num_generations),
-        )
-    finally:
-        evaluator.close()  # the next supernet is built from the dense model
-    allocation = methods.Allocation(
-        tuple(state.parent),
-        state.parent_fitness,
-        _history_evaluations(it_dir / "search" / "history.jsonl"),
-        state.generation,
+    context = methods.MethodContext(
+        session=session,
+        store=store,
+        space=search_space(session, store),
+        run=run_dir,
+        iteration=iteration,
+        make_evaluator=make_evaluator,
+        evolution_config=lambda generations: evolution_config(cfg, generations),
+        log=_log,
     )
-    return _save_result(session, store, result_path, iteration, allocation)
+    allocation = methods.method(cfg.search.method).allocate(context)
+    return _save_result(session, store, run_dir, iteration, allocation)
 
 
 def _save_result(
     session: pipeline.Session,
     store: SupernetStore,
-    path: Path,
+    run_dir: RunDir,
     iteration: int,
     allocation: methods.Allocation,
 ) -> IterationResult:
@@ -199,8 +165,8 @@ def _save_result(
         store.ladder(g).removed(lv)
         for g, lv in zip(genes_of(session.adapter.num_layers), genome, strict=True)
     ]
-    atomic_write_json(
-        path,
+    run_dir.write_result(
+        iteration,
         {
             "iteration": iteration,
             "method": session.cfg.search.method,
@@ -211,27 +177,21 @@ def _save_result(
             "evaluations": allocation.evaluations,
         },
     )
-    return IterationResult(iteration, genome, allocation.fitness, chosen)
+    return IterationResult(iteration, genome, allocation.fitness, chosen, session.cfg.search.method)
 
 
-def _history_evaluations(path: Path) -> int:
-    """Fitness evaluations recorded in a search's history.jsonl."""
-    if not path.is_file():
-        return 0
-    return sum(json.loads(line)["num_evaluations"] for line in path.read_text().splitlines() if line.strip())
-
-
-def _result_evaluations(it_dir: Path) -> int:
-    return int(json.loads((it_dir / "result.json").read_text()).get("evaluations", 0))
-
-
-def _read_result(path: Path) -> IterationResult:
+def _read_result(run_dir: RunDir, iteration: int) -> IterationResult:
+    path = run_dir.result_path(iteration)
+    data = run_dir.read_result(iteration)
     try:
-        data = json.loads(path.read_text())
         return IterationResult(
-            data["iteration"], tuple(data["genome"]), data["fitness"], list(data["centres"])
+            data["iteration"],
+            tuple(data["genome"]),
+            data["fitness"],
+            list(data["centres"]),
+            data.get("method"),
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (TypeError, KeyError) as e:
         raise TyrError(f"{path} is corrupt ({e}); delete it to redo that iteration's search") from None
 
 
@@ -267,7 +227,7 @@ def target_budget(session: pipeline.Session, ladders: list[GeneLadder]) -> Budge
         kept = adapter.num_units(gene.kind) - removed
         units[gene.kind] += kept
         max_params += pipeline.max_module_params(adapter, gene.kind, kept)
-    if cfg.supernet.criterion == "flap":  # each pruned module may gain a d_out compensation bias
+    if CRITERIA[cfg.supernet.criterion].adds_output_bias:  # each pruned module may gain a d_out bias
         max_params += adapter.hidden_size * len(centres)
     if cfg.search.budget == "joint":
         return Budget("joint", max_params, None)
@@ -289,31 +249,18 @@ def evolution_config(cfg: RunConfig, num_generations: int) -> EvolutionConfig:
     return evo
 
 
-def _generation_logger(iteration: int, total: int):
-    started = time.perf_counter()
-
-    def log(generation: int, result: GenerationResult, seconds: float) -> None:
-        elapsed = time.perf_counter() - started
-        eta = elapsed / max(generation, 1) * (total - generation)  # generations done in this process
-        _log(
-            f"iter {iteration} gen {generation}/{total}: best KL {result.fitness:.5f}, "
-            f"{result.num_evaluations / seconds:.2f} eval/s, {result.num_tokens_evaluated / seconds:.0f} tok/s, "
-            f"{seconds:.1f} s/gen, ETA {eta / 60:.1f} min"
-        )
-
-    return log
-
-
-def finalise(session: pipeline.Session, run_dir: Path, result: IterationResult, progress: bool) -> dict:
-    """Re-apply the best genome, measure dense / uniform / searched, write final/ files."""
+def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult, progress: bool) -> dict:
+    """Record the chosen result, re-apply its genome, measure dense / uniform / searched, write final/."""
     cfg = session.cfg
-    if (run_dir / "final" / "metrics.json").is_file():
-        _log(f"{run_dir} is finished; final metrics in {run_dir / 'final' / 'metrics.json'}")
-        return json.loads((run_dir / "final" / "metrics.json").read_text())
-    last = SupernetStore.open(run_dir / f"iter-{result.iteration}" / "supernet")
-    first = SupernetStore.open(run_dir / "iter-1" / "supernet")
-    architecture = pipeline.architecture(session, last, result.genome, cfg.sparsity)
-    atomic_write_json(run_dir / "final" / "architecture.json", architecture)
+    if run_dir.is_finished():
+        _log(f"{run_dir.path} is finished; final metrics in {run_dir.metrics_path}")
+        return run_dir.read_metrics()
+    selection = Selection(result.iteration, result.genome, result.fitness, result.method)
+    run_dir.write_selection(selection)  # first: export and eval find the final genome through it
+    last = SupernetStore.open(run_dir.supernet_dir(selection.iteration))
+    first = SupernetStore.open(run_dir.supernet_dir(1))
+    architecture = pipeline.architecture(session, last, selection.genome, cfg.sparsity)
+    atomic_write_json(run_dir.architecture_path, architecture)
 
     source = TextSource(cfg.data.eval, cfg.data.eval_config, cfg.data.eval_split, cfg.data.text_field)
     eval_tokens = evaluation_tokens(source, session.tokenizer, cfg.data.seq_len, cfg.data.num_eval_sequences)
@@ -325,16 +272,14 @@ def finalise(session: pipeline.Session, run_dir: Path, result: IterationResult, 
     metrics = {
         "method": cfg.search.method,
         "criterion": cfg.supernet.criterion,
-        "evaluations": sum(
-            _result_evaluations(run_dir / f"iter-{i}") for i in range(1, result.iteration + 1)
-        ),
+        "evaluations": run_dir.evaluations(run_dir.finished_iterations()),
         "eval_data": cfg.data.eval,
         "eval_tokens": int(eval_tokens.numel()),
         "topk": cfg.search.topk,
         "dense": {"ppl": perplexity(session.model, eval_tokens, batch_size=bs), "kl": 0.0},
     }
     uniform = tuple(0 for _ in genes_of(session.adapter.num_layers))
-    for name, store, genome in (("uniform", first, uniform), ("searched", last, result.genome)):
+    for name, store, genome in (("uniform", first, uniform), ("searched", last, selection.genome)):
         evaluator = SerialEvaluator(
             session.model,
             session.adapter,
@@ -357,7 +302,7 @@ def finalise(session: pipeline.Session, run_dir: Path, result: IterationResult, 
         }
         evaluator.close()
     metrics["achieved_sparsity"] = architecture["achieved_sparsity"]
-    atomic_write_json(run_dir / "final" / "metrics.json", metrics)
+    atomic_write_json(run_dir.metrics_path, metrics)
     _log(
         f"perplexity on {cfg.data.eval}: dense {metrics['dense']['ppl']:.2f}, uniform {metrics['uniform']['ppl']:.2f}, "
         f"searched {metrics['searched']['ppl']:.2f} (sparsity {architecture['achieved_sparsity']:.3f})"

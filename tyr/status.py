@@ -1,145 +1,187 @@
 """`tyr status RUN`: where a run stands (stage, generation, best fitness, ETA), read from its files only.
 
-The readers here (`read_config`, `read_json`, `read_history`) are shared with `tyr report`. They read the run's
-files as plain data (never through the typed config), so a run written by an older or newer Tyr still reads.
+The run's files are read as plain data through `tyr.rundir.RunDir` (never through the typed config), so a run
+written by an older or newer Tyr still reads. `run_progress` is the structured answer (`tyr status --json`);
+`run_status` the human one.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from tyr.errors import TyrError
-
-try:
-    from tyr.config import ONE_SHOT_METHODS
-except ImportError:  # a Tyr without search.method: every run is an evolutionary search
-    ONE_SHOT_METHODS = ("uniform", "owl", "layer-error")
-
-
-def read_config(run: Path) -> dict:
-    """RUN/config.yaml as a dict; TyrError when `run` is not a run directory."""
-    if not run.is_dir():
-        raise TyrError(f"run directory {run} does not exist")
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise TyrError(f"{run} is not a Tyr run directory (no config.yaml)")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TyrError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(cfg, dict):
-        raise TyrError(f"{path} does not hold a run config")
-    return cfg
+from tyr.methods import is_one_shot as _method_is_one_shot
+from tyr.rundir import RunDir
 
 
 def method_of(cfg: dict) -> str:
-    return cfg.get("search", {}).get("method", "evolution")
+    return (cfg.get("search") or {}).get("method", "evolution")
 
 
 def criterion_of(cfg: dict) -> str:
-    return cfg.get("supernet", {}).get("criterion", "tyr")
+    return (cfg.get("supernet") or {}).get("criterion", "tyr")
 
 
 def planned_generations(cfg: dict) -> list[int]:
     """Generations per iteration as configured (one entry per iteration)."""
-    return [int(g) for g in cfg.get("search", {}).get("generations", [])]
+    return [int(g) for g in (cfg.get("search") or {}).get("generations", [])]
 
 
 def is_one_shot(cfg: dict) -> bool:
-    return method_of(cfg) in ONE_SHOT_METHODS
-
-
-def read_json(path: Path) -> Any | None:
-    """A JSON file's content, or None when it is missing or unreadable (a run may be mid-write elsewhere)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_history(path: Path) -> list[dict]:
-    """history.jsonl lines; a torn last line (killed mid-append) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return _method_is_one_shot(method_of(cfg))
 
 
 def format_kl(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.5f}"
 
 
+@dataclass
+class IterationProgress:
+    iteration: int
+    stage: str  # pending | building | searching | done | not needed
+    generation: int = 0  # generations (or sampler batches) done
+    generations: int = 0  # planned
+    best_fitness: float | None = None
+    genes_built: int = 0
+    eta_s: float | None = None  # search time left in this iteration (median s/generation x generations left)
+
+
+@dataclass
+class RunProgress:
+    """`tyr status --json`: the run's stage and, while it searches, the current iteration's numbers."""
+
+    run: str
+    model: str | None
+    sparsity: float | None
+    method: str
+    criterion: str
+    stage: str  # teacher | building | searching | final | finished
+    iteration: int | None
+    generation: int | None
+    best_fitness: float | None
+    eta_s: float | None  # search time left over all iterations (supernet builds not included)
+    finished: bool
+    iterations: list[IterationProgress] = field(default_factory=list)
+    metrics: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_progress(run_dir: str | Path) -> RunProgress:
+    """Structured progress of a run directory (TyrError when it is not one)."""
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    iterations = [
+        _iteration_progress(run, cfg, i, total) for i, total in enumerate(planned_generations(cfg), start=1)
+    ]
+    metrics = run.read_metrics()
+    active = [it for it in iterations if it.stage in ("building", "searching")]
+    current = active[0] if active else None
+    if metrics is not None:
+        stage = "finished"
+    elif not run.has_teacher():
+        stage = "teacher"
+    elif current is not None:
+        stage = current.stage
+    elif any(it.stage == "pending" for it in iterations):
+        stage = "building"
+    else:
+        stage = "final"
+    etas = [it.eta_s for it in iterations if it.eta_s is not None]
+    done = [it for it in iterations if it.stage == "done"]
+    latest = current or (done[-1] if done else None)
+    return RunProgress(
+        run=str(run.path),
+        model=(cfg.get("model") or {}).get("name"),
+        sparsity=cfg.get("sparsity"),
+        method=method_of(cfg),
+        criterion=criterion_of(cfg),
+        stage=stage,
+        iteration=latest.iteration if latest else None,
+        generation=latest.generation if latest else None,
+        best_fitness=latest.best_fitness if latest else None,
+        eta_s=sum(etas) if etas and metrics is None else (0.0 if metrics is not None else None),
+        finished=metrics is not None,
+        iterations=iterations,
+        metrics=metrics,
+    )
+
+
+def _iteration_progress(run: RunDir, cfg: dict, iteration: int, total: int) -> IterationProgress:
+    if is_one_shot(cfg):
+        total = 0
+        if iteration > 1 and not run.iteration_dir(iteration).exists():
+            return IterationProgress(iteration, "not needed")
+    result = run.read_result(iteration)
+    history = run.read_history(iteration)
+    if result is not None:
+        return IterationProgress(
+            iteration,
+            "done",
+            generation=int(result.get("generations", 0)),
+            generations=total,
+            best_fitness=result.get("fitness"),
+            eta_s=0.0,
+        )
+    manifest = run.read_manifest(iteration)
+    if manifest is None:
+        return IterationProgress(iteration, "pending", generations=total)
+    state = run.read_state(iteration)  # random/optuna keep no state.json, only their history
+    if state is None and not history:
+        return IterationProgress(
+            iteration, "building", generations=total, genes_built=len(manifest.get("genes", {}))
+        )
+    if state is not None:
+        generation, best = int(state.get("generation", 0)), state.get("parent_fitness")
+    else:
+        fitness = [row["fitness"] for row in history if row.get("fitness") is not None]
+        generation, best = len(history), min(fitness, default=None)
+    seconds = [float(row["seconds"]) for row in history if "seconds" in row]
+    eta = statistics.median(seconds) * max(total - len(seconds), 0) if seconds else None
+    return IterationProgress(
+        iteration, "searching", generation, total, best, len(manifest.get("genes", {})), eta
+    )
+
+
 def run_status(run_dir: str | Path) -> list[str]:
     """Human-readable lines describing the progress of a run directory."""
-    run = Path(run_dir)
-    cfg = read_config(run)
-    method = method_of(cfg)
+    progress = run_progress(run_dir)
+    cfg = RunDir(run_dir).read_config()
     lines = [
-        f"run {run}: {cfg.get('model', {}).get('name')} at sparsity {cfg.get('sparsity')} "
-        f"(schedule {cfg.get('schedule')}, method {method}, criterion {criterion_of(cfg)})"
+        f"run {progress.run}: {progress.model} at sparsity {progress.sparsity} "
+        f"(schedule {cfg.get('schedule')}, method {progress.method}, criterion {progress.criterion})",
+        f"  teacher targets: {'pending' if progress.stage == 'teacher' else 'done'}",
     ]
-    teacher = (run / "teacher" / "meta.json").is_file()
-    lines.append(f"  teacher targets: {'done' if teacher else 'pending'}")
-    remaining_s = 0.0
-    for i, total in enumerate(planned_generations(cfg), start=1):
-        it_dir = run / f"iter-{i}"
-        if i > 1 and is_one_shot(cfg) and not it_dir.exists():
-            lines.append(f"  iteration {i}: not needed (method {method} is one-shot)")
-            continue
-        lines.append(_iteration_line(it_dir, i, total))
-        remaining_s += _remaining_seconds(it_dir, total)
-    metrics = read_json(run / "final" / "metrics.json")
-    if metrics is not None:
-        lines.append(_finished_line(metrics))
-    elif remaining_s:
-        lines.append(f"  search time left (supernet builds not included): about {remaining_s / 60:.0f} min")
+    for it in progress.iterations:
+        lines.append(_iteration_line(it, progress.method))
+    if progress.metrics is not None:
+        lines.append(_finished_line(progress.metrics))
+    elif progress.eta_s:
+        lines.append(
+            f"  search time left (supernet builds not included): about {progress.eta_s / 60:.0f} min"
+        )
     return lines
 
 
+def _iteration_line(it: IterationProgress, method: str) -> str:
+    head = f"  iteration {it.iteration}:"
+    if it.stage == "not needed":
+        return f"{head} not needed (method {method} is one-shot)"
+    if it.stage == "done":
+        how = f"one-shot method {method}" if _method_is_one_shot(method) else f"{it.generation} generations"
+        return f"{head} done ({how}, best KL {format_kl(it.best_fitness)})"
+    if it.stage == "pending":
+        return f"{head} pending"
+    if it.stage == "building":
+        return f"{head} building the supernet ({it.genes_built} genes done)"
+    return (
+        f"{head} searching, generation {it.generation}/{it.generations}, best KL {format_kl(it.best_fitness)}"
+    )
+
+
 def _finished_line(m: dict) -> str:
-    ppl = {name: m.get(name, {}).get("ppl") for name in ("dense", "uniform", "searched")}
+    ppl = {name: (m.get(name) or {}).get("ppl") for name in ("dense", "uniform", "searched")}
     shown = ", ".join(f"{name} {'n/a' if v is None else f'{v:.2f}'}" for name, v in ppl.items())
     return f"  finished: perplexity {shown} (sparsity {m.get('achieved_sparsity', float('nan')):.3f})"
-
-
-def _iteration_line(it_dir: Path, iteration: int, total: int) -> str:
-    result = read_json(it_dir / "result.json")
-    if result is not None:
-        generations = result.get("generations", 0)
-        one_shot = result.get("method") in ONE_SHOT_METHODS
-        how = f"one-shot method {result['method']}" if one_shot else f"{generations} generations"
-        return f"  iteration {iteration}: done ({how}, best KL {format_kl(result.get('fitness'))})"
-    manifest = read_json(it_dir / "supernet" / "manifest.json")
-    if manifest is None:
-        return f"  iteration {iteration}: pending"
-    state = read_json(it_dir / "search" / "state.json")
-    history = read_history(it_dir / "search" / "history.jsonl")  # random/optuna keep no state.json
-    if state is None and not history:
-        return f"  iteration {iteration}: building the supernet ({len(manifest.get('genes', {}))} genes done)"
-    if state is not None:
-        generation, what, best = state.get("generation", 0), "parent", state.get("parent_fitness")
-    else:
-        fitness = [row["fitness"] for row in history if row.get("fitness") is not None]
-        generation, what, best = len(history), "best", min(fitness, default=None)
-    return f"  iteration {iteration}: searching, generation {generation}/{total}, {what} KL {format_kl(best)}"
-
-
-def _remaining_seconds(it_dir: Path, total: int) -> float:
-    if (it_dir / "result.json").is_file():
-        return 0.0
-    seconds = [
-        float(row["seconds"]) for row in read_history(it_dir / "search" / "history.jsonl") if "seconds" in row
-    ]
-    return statistics.median(seconds) * max(total - len(seconds), 0) if seconds else 0.0

@@ -1,0 +1,362 @@
+"""The run directory: the one place that knows its layout, reads its files and says whether Tyr wrote it.
+
+```
+RUN/.tyr-run                        marker: this folder was written by Tyr (format, Tyr version)
+RUN/config.yaml                     the run's identity (resolved config minus settings that cannot change results)
+RUN/teacher/                        dense top-K targets of the calibration set
+RUN/iter-N/supernet/                iteration N's supernet (manifest.json + variants)
+RUN/iter-N/search/                  state.json, history.jsonl (and optuna.journal for sampled methods)
+RUN/iter-N/allocation.json          how a one-shot method chose (OWL's ratios, ...)
+RUN/iter-N/result.json              iteration N's chosen genome, fitness and the next iteration's centres
+RUN/final/selection.json            which iteration's result the final model is (iteration + genome)
+RUN/final/architecture.json         kept units per layer, exact parameter counts
+RUN/final/metrics.json              dense / uniform / searched held-out numbers
+RUN/report.md, RUN/plots/           `tyr report`
+```
+
+Readers here never go through the typed config except `load_config`: `tyr status` and `tyr report` read a run
+written by another Tyr version as plain data. Writers are atomic (`tyr.io`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tyr.errors import TyrError
+from tyr.io import atomic_write_json, atomic_write_text, sha256_text
+
+MARKER = ".tyr-run"
+MARKER_FORMAT = 1
+CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The genome the final model is made of and the iteration (supernet) it comes from."""
+
+    iteration: int
+    genome: tuple[int, ...]
+    fitness: float | None = None
+    method: str | None = None
+
+
+class RunDir:
+    """A run directory (it need not exist yet). Paths, which files exist, and typed reads of them."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ---- layout ------------------------------------------------------------------------------------------
+    @property
+    def marker_path(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.path / "teacher"
+
+    def iteration_dir(self, iteration: int) -> Path:
+        return self.path / f"iter-{int(iteration)}"
+
+    def supernet_dir(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "supernet"
+
+    def manifest_path(self, iteration: int) -> Path:
+        return self.supernet_dir(iteration) / "manifest.json"
+
+    def search_dir(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "search"
+
+    def state_path(self, iteration: int) -> Path:
+        return self.search_dir(iteration) / "state.json"
+
+    def history_path(self, iteration: int) -> Path:
+        return self.search_dir(iteration) / "history.jsonl"
+
+    def journal_path(self, iteration: int) -> Path:
+        return self.search_dir(iteration) / "optuna.journal"
+
+    def allocation_path(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "allocation.json"
+
+    def result_path(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "result.json"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def selection_path(self) -> Path:
+        return self.final_dir / "selection.json"
+
+    @property
+    def architecture_path(self) -> Path:
+        return self.final_dir / "architecture.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.final_dir / "metrics.json"
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the run directory, for messages."""
+        try:
+            return str(path.relative_to(self.path))
+        except ValueError:
+            return str(path)
+
+    # ---- what exists ---------------------------------------------------------------------------------------
+    def is_tyr_folder(self) -> bool:
+        """True when Tyr wrote this folder: it has the marker, or is a run of an older Tyr (config + teacher)."""
+        if self.marker_path.is_file():
+            return True
+        return self.config_path.is_file() and self.teacher_dir.is_dir()
+
+    def has_teacher(self) -> bool:
+        return (self.teacher_dir / "meta.json").is_file()
+
+    def iterations(self) -> list[int]:
+        """Indices N of the existing iter-N folders, ascending."""
+        if not self.path.is_dir():
+            return []
+        found = []
+        for child in self.path.iterdir():
+            name = child.name
+            if child.is_dir() and name.startswith("iter-") and name[5:].isdigit():
+                found.append(int(name[5:]))
+        return sorted(found)
+
+    def finished_iterations(self) -> list[int]:
+        return [i for i in self.iterations() if self.result_path(i).is_file()]
+
+    def is_finished(self) -> bool:
+        return self.metrics_path.is_file()
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def read_config(self) -> dict:
+        """config.yaml as plain data; TyrError when this is not a run directory."""
+        if not self.path.is_dir():
+            raise TyrError(f"run directory {self.path} does not exist")
+        if not self.config_path.is_file():
+            raise TyrError(
+                f"{self.path} is not a Tyr run directory (no {CONFIG}); pass the --out folder of `tyr run`"
+            )
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise TyrError(f"{self.config_path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise TyrError(f"{self.config_path} does not hold a run config")
+        return data
+
+    def identity_hash(self) -> str:
+        """sha256 of config.yaml as stored: the run's identity in every checkpoint.
+
+        The stored text, not the current config's dump: a run written before a setting existed keeps its hash
+        when that setting is added (see `tyr.config.stored_identity`).
+        """
+        return sha256_text(self.identity_text())
+
+    def identity_text(self) -> str:
+        return self.config_path.read_text()
+
+    def load_config(self):
+        """The typed RunConfig of this run (keys an older Tyr did not write read as their defaults)."""
+        from tyr.config import config_from_stored
+
+        return config_from_stored(self.read_config(), where=str(self.config_path))
+
+    def read_result(self, iteration: int) -> dict | None:
+        return read_json(self.result_path(iteration))
+
+    def read_state(self, iteration: int) -> dict | None:
+        return read_json(self.state_path(iteration))
+
+    def read_history(self, iteration: int) -> list[dict]:
+        return read_history(self.history_path(iteration))
+
+    def read_manifest(self, iteration: int) -> dict | None:
+        return read_json(self.manifest_path(iteration))
+
+    def read_architecture(self) -> dict | None:
+        return read_json(self.architecture_path)
+
+    def read_metrics(self) -> dict | None:
+        return read_json(self.metrics_path)
+
+    def history_evaluations(self, iteration: int) -> int:
+        """Fitness evaluations recorded in an iteration's search history."""
+        return sum(int(row.get("num_evaluations", 0)) for row in self.read_history(iteration))
+
+    def evaluations(self, iterations: list[int]) -> int:
+        """Fitness evaluations spent by the given (finished) iterations."""
+        return sum(int((self.read_result(i) or {}).get("evaluations", 0)) for i in iterations)
+
+    def selection(self) -> Selection:
+        """The final model's genome and iteration: final/selection.json, or (runs of an older Tyr) the last
+        finished iteration's result. TyrError when neither exists."""
+        data = read_json(self.selection_path)
+        source = self.selection_path
+        if data is None:
+            finished = self.finished_iterations()
+            if not finished:
+                raise TyrError(
+                    f"the run in {self.path} has no finished iteration; re-run the same `tyr run` command"
+                )
+            source = self.result_path(finished[-1])
+            data = read_json(source)
+        try:
+            return Selection(
+                int(data["iteration"]),
+                tuple(int(x) for x in data["genome"]),
+                data.get("fitness"),
+                data.get("method"),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise TyrError(
+                f"{source} is corrupt (no iteration/genome); delete it and re-run `tyr run`"
+            ) from None
+
+    # ---- opening for `tyr run` / `tyr build` ------------------------------------------------------------------
+    def check_open(self, identity_text: str, force: bool, protect: tuple[Path, ...] = ()) -> str:
+        """What opening this folder for a run with config `identity_text` would do: "new", "resume" or
+        "replace" (`force` and a Tyr folder with another config). Writes nothing; TyrError when refused.
+
+        `--force` only ever replaces a folder Tyr wrote, never one that holds (or is inside) a protected
+        folder (the model), the filesystem root, the home folder or the working directory.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise TyrError(f"--out {self.path} is a file, not a folder; choose another --out")
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            return "new"
+        if self.config_path.is_file():
+            difference = config_difference(self.read_config(), identity_text)
+            if difference is None:
+                return "resume"
+            if not force:
+                raise TyrError(
+                    f"{self.path} holds a run with a different config ({difference}); use another --out, "
+                    "or --force to discard that run"
+                )
+        elif not force:
+            raise TyrError(
+                f"output folder {self.path} is not empty and holds no Tyr run; use another --out"
+                + (" (or --force, which replaces only folders Tyr wrote)" if self.is_tyr_folder() else "")
+            )
+        self._check_replaceable(protect)
+        return "replace"
+
+    def _check_replaceable(self, protect: tuple[Path, ...]) -> None:
+        here = self.path.resolve()
+        guarded = [Path("/"), Path.home(), Path.cwd(), *(Path(p) for p in protect)]
+        for other in guarded:
+            other = other.resolve()
+            if here == other or here in other.parents:
+                raise TyrError(f"--force would delete {here}, which holds {other}; choose another --out")
+        if (self.path / "config.json").exists() or not self.is_tyr_folder():
+            raise TyrError(
+                f"{self.path} was not written by Tyr (no {MARKER} marker); --force only replaces Tyr run "
+                "directories. Choose another --out, or remove the folder yourself"
+            )
+
+    def open(self, identity_text: str, action: str) -> None:
+        """Carry out `check_open`'s answer: remove a replaced run, then write config.yaml and the marker."""
+        if action == "replace":
+            import shutil
+
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if action != "resume":
+            self.write_config(identity_text)
+        if not self.marker_path.is_file():
+            self.write_marker()
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def write_marker(self) -> None:
+        from tyr import __version__
+
+        atomic_write_json(self.marker_path, {"format": MARKER_FORMAT, "tyr_version": __version__})
+
+    def write_config(self, text: str) -> None:
+        atomic_write_text(self.config_path, text)
+
+    def write_result(self, iteration: int, result: dict) -> None:
+        atomic_write_json(self.result_path(iteration), result)
+
+    def write_selection(self, selection: Selection) -> None:
+        atomic_write_json(
+            self.selection_path,
+            {
+                "iteration": selection.iteration,
+                "genome": list(selection.genome),
+                "fitness": selection.fitness,
+                "method": selection.method,
+            },
+        )
+
+
+def config_difference(stored: dict, identity_text: str) -> str | None:
+    """None when a stored config.yaml describes the same run as `identity_text`, else the first difference.
+
+    Keys the stored config lacks read as their defaults (an older Tyr did not know them; defaults of added
+    keys reproduce the older behaviour), so adding a setting never orphans an existing run.
+    """
+    from tyr.config import config_from_stored, identity_dict
+
+    current = yaml.safe_load(identity_text)
+    try:
+        old = identity_dict(config_from_stored(stored))
+    except TyrError as e:
+        return f"it was written by another version of Tyr ({e}); finish it with that version"
+    return _first_difference(old, current)
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if diff is not None:
+                return diff
+        return None
+    if old != new:
+        return f"{prefix.rstrip('.')}: {old!r} there vs {new!r} now"
+    return None
+
+
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content, or None when it is missing or unreadable (a run may be mid-write elsewhere)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.jsonl lines; a torn last line (killed mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
