@@ -2,7 +2,10 @@
 
 Hand-built genomes with uneven query heads per KV group, dropped KV heads, fully pruned attention and MLP
 layers are exported and loaded back in a fresh Python process that cannot import tyr (trust_remote_code);
-logits must equal the in-process compact realisation, greedy decoding must not depend on the KV cache.
+logits must equal the in-process compact realisation, greedy decoding must not depend on the KV cache, and the
+attention weights of the kept heads must equal the dense-masked export's. The folder follows Hugging Face
+conventions: huggingface_hub's safetensors shards, transformers_version in config.json, a model card whose
+front matter parses and whose body escapes what comes from run files.
 """
 
 from __future__ import annotations
@@ -10,19 +13,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+import transformers
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import smoke_args
 from tests.tiny import char_tokenizer, random_tokens, tiny_config
 from tyr import load_pruned
 from tyr.errors import TyrError
-from tyr.export import export_model, export_run
+from tyr.export import (
+    compute_architecture,
+    export_model,
+    export_run,
+    layer_shapes,
+    markdown_escape,
+    model_card,
+)
 from tyr.supernet.families import adapter_for
 from tyr.supernet.realise import Realiser
 from tyr.supernet.store import SupernetStore
@@ -79,13 +94,23 @@ _LOADER = textwrap.dedent(
                 raise ImportError(f"{name} must not be imported when loading an export")
 
     sys.meta_path.insert(0, Block())
+    import builtins
+    prompts = []
+
+    def no_tty_input(prompt=""):  # what input() does without a terminal, but counted
+        prompts.append(prompt)
+        raise EOFError
+
+    builtins.input = no_tty_input
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
     jobs, results = json.load(open(sys.argv[1])), {}
     for job in jobs:
         model = AutoModelForCausalLM.from_pretrained(job["dir"], trust_remote_code=job["trust"]).eval()
+        asked = len(prompts)
         tokenizer = AutoTokenizer.from_pretrained(job["dir"])
+        tokenizer_prompts = len(prompts) - asked
         ids = torch.tensor(job["ids"])
         gen = dict(max_new_tokens=job["new"], do_sample=False, pad_token_id=0)
         with torch.no_grad():
@@ -105,6 +130,7 @@ _LOADER = textwrap.dedent(
                 "params": sum(p.numel() for p in model.parameters()),
                 "tied": model.lm_head.weight is model.model.embed_tokens.weight,
                 "vocab": len(tokenizer),
+                "tokenizer_prompts": tokenizer_prompts,
                 "logits": logits.tolist(),
                 "cache_step_error": (step - logits[:1, 6:9]).abs().max().item(),
                 "cached": model.generate(prompt, use_cache=True, **gen).tolist(),
@@ -115,6 +141,10 @@ _LOADER = textwrap.dedent(
                 result["padded_uncached"] = model.generate(
                     padded, attention_mask=mask, use_cache=False, **gen
                 ).tolist()
+            model.set_attn_implementation("eager")  # the implementation that returns attention weights
+            attentions = model(ids, use_cache=False, output_attentions=True).attentions
+            result["attentions"] = [a.tolist() for a in attentions]
+            result["attention_shapes"] = [list(a.shape) for a in attentions]
     results["_imported"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     json.dump(results, open(sys.argv[2], "w"))
     """
@@ -187,6 +217,11 @@ def compact_reference(model, variants, ids: torch.Tensor) -> dict:
     return {"logits": logits, "params": params, "tokens": tokens.tolist()}
 
 
+def _by_shard(state: dict, index: dict) -> list[list[torch.Tensor]]:
+    files = sorted(set(index["weight_map"].values()))
+    return [[t for k, t in state.items() if index["weight_map"][k] == f] for f in files]
+
+
 def load_in_fresh_process(tmp_path, jobs: list[dict]) -> dict:
     """Load exports in a new interpreter with tyr unimportable and a private HF modules cache."""
     jobs_file, results_file = tmp_path / "jobs.json", tmp_path / "results.json"
@@ -244,6 +279,8 @@ def exports(tmp_path_factory):
                         ids[:1, :PROMPT], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
                     ).tolist(),
                 }
+                stock.set_attn_implementation("eager")  # the implementation that returns attention weights
+                refs[f"{name}-masked"]["attentions"] = stock(ids, output_attentions=True).attentions
         refs[name] = compact_reference(model, variants, ids) | {
             "dense_params": sum(p.numel() for p in model.parameters()),
             "architecture": json.loads((root / f"{name}-hf" / "architecture.json").read_text()),
@@ -296,6 +333,71 @@ def test_dense_masked_equals_hf_with_stock_transformers(exports, name):
     assert masked["tokens"] == hf["cached"]
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_output_attentions_are_the_kept_heads_of_dense_masked(exports, name):
+    """trust_remote_code model, eager attention: one (B, kept heads, T, T) tensor per layer, equal to the
+    dense-masked model's weights of the kept heads; a fully pruned layer gives (B, 0, T, T)."""
+    got, masked = exports["loaded"][f"{name}-hf"], exports["refs"][f"{name}-masked"]["attentions"]
+    assert len(got["attentions"]) == len(masked) == 3
+    for i, (values, shape, dense) in enumerate(zip(got["attentions"], got["attention_shapes"], masked)):
+        heads = CASES[name][0][i][0]
+        weights = torch.tensor(values, dtype=torch.float32).reshape(shape)  # (B, kept heads, T, T)
+        assert tuple(weights.shape) == (2, len(heads), 12, 12), i
+        torch.testing.assert_close(weights, dense[:, heads], atol=ATOL, rtol=0)
+        if heads:
+            torch.testing.assert_close(weights.sum(-1), torch.ones(2, len(heads), 12), atol=ATOL, rtol=0)
+
+
+def test_output_attentions_in_process(tmp_path):
+    """`tyr.load_pruned` (tyr's own classes) returns the same per-layer attention weights."""
+    layers, overrides = CASES["llama_gqa"]
+    model = make_model("llama_gqa", overrides)
+    variants = make_variants(model, layers)
+    hf = export_model(model, variants, tmp_path / "hf")
+    masked = export_model(model, variants, tmp_path / "masked", format="dense-masked")
+    ids = random_tokens(2, 7, seed=4)
+    with torch.no_grad():
+        got = load_pruned(hf, attn_implementation="eager")(ids, output_attentions=True).attentions
+        stock = AutoModelForCausalLM.from_pretrained(masked, attn_implementation="eager").eval()
+        dense = stock(ids, output_attentions=True).attentions
+        assert load_pruned(hf)(ids, output_attentions=True).attentions == ()  # sdpa gives none, as stock
+    assert [tuple(a.shape) for a in got] == [(2, len(layers[i][0]), 7, 7) for i in range(3)]
+    for i, (weights, reference) in enumerate(zip(got, dense)):
+        torch.testing.assert_close(weights, reference[:, layers[i][0]], atol=ATOL, rtol=0)
+
+
+def test_tokenizer_loads_without_trust_remote_code(exports):
+    for name in [*CASES, "uniform", "flap"]:
+        assert exports["loaded"][f"{name}-hf"]["vocab"] == len(char_tokenizer()), name
+    assert exports["loaded"]["uniform-hf"]["tokenizer_prompts"] == 0  # a stock config asks nothing
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="transformers 5.x: AutoTokenizer always reads config.json through AutoConfig with "
+    "trust_remote_code=None, which asks about the auto_map['AutoConfig'] of a model type it does not know "
+    "(tyr_*); no file of the export avoids that short of a stock model_type",
+)
+def test_tokenizer_of_a_tyr_config_asks_nothing(exports):
+    assert [exports["loaded"][f"{name}-hf"]["tokenizer_prompts"] for name in CASES] == [0] * len(CASES)
+
+
+def test_config_keeps_transformers_version_only_drops_provenance(exports):
+    for folder in ("llama_gqa-hf", "uniform-hf", "qwen2-masked"):
+        config = json.loads((exports["root"] / folder / "config.json").read_text())
+        assert config["transformers_version"] == transformers.__version__, folder
+        assert not {"_name_or_path", "_commit_hash"} & set(config), folder
+    assert "auto_map" not in json.loads((exports["root"] / "uniform-hf" / "config.json").read_text())
+
+
+def test_tied_embeddings_are_stored_once(exports):
+    for name, tied in (("qwen3", True), ("llama_gqa", False)):
+        with safe_open(exports["root"] / f"{name}-hf" / "model.safetensors", "pt") as f:
+            keys = set(f.keys())
+            assert f.metadata()["format"] == "pt"
+        assert "model.embed_tokens.weight" in keys and ("lm_head.weight" in keys) is not tied, name
+
+
 def test_flap_compensation_biases_round_trip(exports):
     got, ref = exports["loaded"]["flap-hf"], exports["refs"]["flap"]
     config = ref["config"]
@@ -345,6 +447,21 @@ def test_load_pruned_in_process_and_dtype(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, ref["logits"], atol=0.05, rtol=0.02)
     sharded = export_model(model, variants, tmp_path / "sharded", max_shard_bytes=20_000)
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("model-*"))) > 1
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    state = {}
+    for shard in shards:
+        with safe_open(sharded / shard, "pt") as f:
+            assert f.metadata()["format"] == "pt"
+        state.update(load_file(sharded / shard))
+    assert set(state) == set(index["weight_map"]) and "lm_head.weight" in state
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert all(
+        sum(t.numel() * t.element_size() for t in shard) <= 20_000 for shard in _by_shard(state, index)
+    )
+    assert not list(tmp_path.glob(".*"))  # no temp folders left next to the exports
     with torch.no_grad():
         assert torch.equal(load_pruned(sharded)(ids).logits, loaded(ids).logits)
     # the dense model is left exactly as it was
@@ -401,6 +518,7 @@ def test_export_run_matches_the_runs_final_genome(cli, capsys, finished_run, tin
     arch = json.loads((finished_run / "final" / "architecture.json").read_text())
     metrics = json.loads((finished_run / "final" / "metrics.json").read_text())
     assert json.loads((out / "architecture.json").read_text()) == arch
+    assert _front_matter(out / "README.md")["base_model"] == os.path.basename(tiny_assets["model"])
     assert f"{metrics['searched']['ppl']:.2f}" in (out / "README.md").read_text()
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
@@ -411,6 +529,10 @@ def test_export_run_matches_the_runs_final_genome(cli, capsys, finished_run, tin
     variants = [store.variant(g, lv) for g, lv in zip(genes_of(3), result["genome"])]
     ids = random_tokens(2, 16, seed=5)
     ref = compact_reference(dense, variants, ids)
+    # `tyr run` (from the supernet manifest) and the export (from the variants) compute the same architecture
+    adapter = adapter_for(dense)
+    shapes = layer_shapes(adapter, variants)
+    assert compute_architecture(dense, adapter, shapes, arch["base_model"], arch["target_sparsity"]) == arch
     model = load_pruned(out)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref["logits"], atol=ATOL, rtol=0)
@@ -510,22 +632,163 @@ def test_export_bad_inputs(cli, capsys, finished_run, tmp_path, monkeypatch):
         _fails(capsys, cli, ["export", str(finished_run), "--out", str(inside), "--force"], "would overwrite")
     assert (finished_run / "final" / "architecture.json").is_file()
 
+    earlier = tmp_path / "earlier"
+    assert cli(["export", str(finished_run), "--out", str(earlier)]) == 0
+    (earlier / "marker.txt").write_text("from the earlier export")
+
     def broken(*args, **kwargs):
         raise TyrError("disk full")
 
-    import tyr.export
+    import tyr.export.weights
 
-    write_weights = tyr.export.write_weights
-    monkeypatch.setattr(tyr.export, "write_weights", broken)
-    _fails(capsys, cli, ["export", str(finished_run), "--out", str(out), "--force"], "disk full")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old folder survives a failed export
+    write_weights = tyr.export.weights.write_weights
+    monkeypatch.setattr(tyr.export.weights, "write_weights", broken)
+    # --force replaces only an earlier export, never a folder Tyr did not write
+    _fails(
+        capsys,
+        cli,
+        ["export", str(finished_run), "--out", str(out), "--force"],
+        "not an earlier `tyr export`",
+    )
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    _fails(capsys, cli, ["export", str(finished_run), "--out", str(earlier), "--force"], "disk full")
+    assert (earlier / "marker.txt").is_file()  # the earlier export survives a failed one
     _fails(capsys, cli, ["export", str(finished_run), "--out", str(tmp_path / "new")], "disk full")
     assert not (tmp_path / "new").exists()
-    monkeypatch.setattr(tyr.export, "write_weights", write_weights)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "taken", "unfinished"]  # no temp folders
+    monkeypatch.setattr(tyr.export.weights, "write_weights", write_weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "foreign", "taken", "unfinished"]
 
-    assert cli(["export", str(finished_run), "--out", str(out), "--force"]) == 0
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "taken", "unfinished"]
+    assert cli(["export", str(finished_run), "--out", str(earlier), "--force"]) == 0
+    assert (earlier / "config.json").is_file() and not (earlier / "marker.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "foreign", "taken", "unfinished"]
     with pytest.raises(TyrError, match="unknown export format"):
         export_run(finished_run, tmp_path / "x", format="gguf")
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def _front_matter(readme) -> dict:
+    text = readme.read_text() if hasattr(readme, "read_text") else readme
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def _small_export(tmp_path, name: str = "out", **kwargs):
+    model = make_model("llama_gqa", {})
+    return export_model(model, make_variants(model, UNIFORM), tmp_path / name, **kwargs)
+
+
+def test_front_matter_is_yaml_for_the_hub(exports, tmp_path):
+    meta = _front_matter(exports["root"] / "llama_gqa-hf" / "README.md")
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["pruned", "structured-pruning", "tyr"]
+    assert "license" not in meta and "base_model" not in meta  # a model built from a config has no name
+    out = _small_export(tmp_path, base_model="HuggingFaceTB/SmolLM2-135M")
+    assert _front_matter(out / "README.md")["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_license_is_copied_from_the_base_models_card(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# Base\n")
+    meta = _front_matter(_small_export(tmp_path, "a", base_model_path=base) / "README.md")
+    assert meta["license"] == "apache-2.0" and "language" not in meta
+    (base / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: my-license\nlicense_link: LICENSE\n---\n"
+    )
+    meta = _front_matter(_small_export(tmp_path, "b", base_model=str(base)) / "README.md")  # via base_model
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "my-license", "LICENSE")
+
+
+def test_license_is_found_in_the_local_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--org--base"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "README.md").write_text("---\nlicense: mit\n---\n")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    meta = _front_matter(_small_export(tmp_path, base_model="org/base") / "README.md")
+    assert (meta["base_model"], meta["license"]) == ("org/base", "mit")
+
+
+def test_unknown_license_is_omitted_with_a_warning(tmp_path, caplog):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("# no front matter\n")
+    with caplog.at_level("WARNING", logger="tyr.export"):
+        out = _small_export(tmp_path, base_model_path=base)
+    assert "license" not in _front_matter(out / "README.md")
+    assert any("license" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_markdown_escape():
+    assert markdown_escape("a|b`c<d>&e") == r"a\|b\`c&lt;d&gt;&amp;e"
+    assert markdown_escape("x\n\n# y  *z* [l](u) _w_ ~s~ \\") == r"x \# y \*z\* \[l\](u) \_w\_ \~s\~ \\"
+    assert markdown_escape(12) == "12"
+
+
+def test_model_card_escapes_strings_from_run_files():
+    evil = "org/m|x`y<img src=x onerror=alert(1)>\n# Owned\n| a | b |"
+    layer0 = {"attention": {"kept_heads": [0], "kept_kv_heads": [0]}, "mlp": {"kept_channels_count": 3}}
+    layer1 = {"attention": {"kept_heads": [], "kept_kv_heads": []}, "mlp": {"kept_channels_count": 0}}
+    architecture = {
+        "base_model": evil,
+        "model_type": "llama<b>",
+        "target_sparsity": 0.5,
+        "achieved_sparsity": 0.45,
+        "params": {"dense": 100, "pruned": 60, "prunable_dense": 80, "prunable_pruned": 40},
+        "layers": [{"index": 0, **layer0}, {"index": "1|9\n# x", **layer1}],
+    }
+    metrics = {
+        "eval_data": "wiki|text\n| injected | 0.00 | 0 |\n<script>alert(1)</script>",
+        "eval_tokens": 64,
+        "topk": "5`",
+        **{m: {"ppl": 10.0, "kl": 0.1} for m in ("dense", "uniform", "searched")},
+    }
+    card = model_card(architecture, metrics, "hf", True, {"num_attention_heads": 6, "intermediate_size": 40})
+    assert _front_matter(card)["base_model"] == evil  # YAML holds any string
+    body = card.split("---\n", 2)[2].splitlines()
+    assert not any(tag in line for line in body for tag in ("<script", "<img", "<b>"))
+    assert [line for line in body if line.startswith("#")] == [
+        "# org/m\\|x\\`y&lt;img src=x onerror=alert(1)&gt; \\# Owned \\| a \\| b \\|, structurally pruned with Tyr",
+        "## Measured quality",
+        "## Usage",
+        "## Per-layer structure",
+    ]
+    rows = [line for line in body if line.startswith("|")]
+    assert len(rows) == (2 + 3) + (2 + 2)  # two tables: header + separator + 3 metric rows, + 2 layer rows
+    for row in rows:  # escaped pipes stay inside their cell: 3 or 4 cells per row
+        assert len(re.split(r"(?<!\\)\|", row)) - 2 in (3, 4), row
+
+
+def test_pipeline_architecture_is_the_exports(tmp_path):
+    """`tyr run`'s architecture.json (from the manifest) equals the export's (from the variants), FLAP biases
+    included, and its parameter count is the manifest's."""
+    import types
+
+    from tests.tiny import tiny_model
+    from tyr import pipeline
+    from tyr.supernet.builder import BuildPlan, build_supernet
+    from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
+
+    model = tiny_model("llama_gqa", num_layers=2)
+    adapter = adapter_for(model)
+    ladders = []
+    for gene in genes_of(adapter.num_layers):
+        n, multiple = adapter.num_units(gene.kind), 1 if gene.kind == "attn" else 4
+        step = step_units(n, 0.125, 1, multiple)
+        ladders.append(make_ladder(gene, n, centre_for_sparsity(n, 0.5, multiple), step, 3))
+    plan = BuildPlan(ladders, "expectation", batch_size=2, criterion="flap")
+    store = SupernetStore.create_or_resume(tmp_path / "sn", {"test": "flap"})
+    build_supernet(model, adapter, random_tokens(4, 16), plan, store, progress=False)
+    genes, genome = genes_of(adapter.num_layers), (1, 0, -1, 1)
+    session = types.SimpleNamespace(
+        adapter=adapter, model=model, resolved=types.SimpleNamespace(source="base")
+    )
+    arch = pipeline.architecture(session, store, genome, 0.5)
+    variants = [store.variant(g, lv) for g, lv in zip(genes, genome)]
+    assert arch == compute_architecture(model, adapter, layer_shapes(adapter, variants), "base", 0.5)
+    manifest_params = sum(store.level_entry(g, lv).params for g, lv in zip(genes, genome))
+    assert arch["params"]["prunable_pruned"] == manifest_params
+    assert arch["achieved_sparsity"] == 1.0 - manifest_params / adapter.dense_prunable_params()

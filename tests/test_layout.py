@@ -110,3 +110,16 @@ def test_only_the_run_directory_type_knows_the_layout():
         if "iter-" in text or "result.json" in text
     ]
     assert not hits, "use tyr.rundir.RunDir for run-directory paths:\n" + "\n".join(hits)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists packages explicitly (the package-dir mapping needs it): none may be missing."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for name, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *relative)))
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"

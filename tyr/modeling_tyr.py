@@ -16,6 +16,11 @@ Each class subclasses the installed transformers class of its family and differs
 * ``forward`` marks the attention-free layers of a ``DynamicCache`` as cache-less (``DummyLayer``), so that the
   sequence length the model reads off the cache comes from a layer that does store keys and values.
 
+Each family's attention (``TyrLlamaAttention``, ...) is also an instance of the family's own attention class, so
+that transformers' output recorders collect its weights: ``output_attentions=True`` (with
+``attn_implementation="eager"``) returns one ``(batch, kept heads, queries, keys)`` tensor per layer, empty in the
+head dimension for a fully pruned layer.
+
 The global ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` keep the values of the dense
 model the checkpoint was pruned from; ``head_dim`` is always explicit. A static cache is not supported (its
 layers are pre-sized from the global head counts); use the default dynamic cache.
@@ -41,6 +46,10 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DummyLayer, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 PER_LAYER_KEYS = (
     "num_attention_heads_per_layer",
@@ -112,7 +121,8 @@ class TyrAttention(nn.Module):
     """
 
     def __init__(self, config, layer_idx: int, family: str):
-        super().__init__()
+        # Not super().__init__(): in the per-family subclasses that is the family attention's, sized globally.
+        nn.Module.__init__(self)
         flags = _BIASES[family]
         module = _family_module(family)
         self.config = config
@@ -160,6 +170,14 @@ class TyrAttention(nn.Module):
             self._kv_index_tensor = torch.tensor(self.kv_index, dtype=torch.long, device=device)
         return self._kv_index_tensor
 
+    def _no_heads_weights(self, hidden_states, attention_mask) -> torch.Tensor | None:
+        """Attention weights of a layer without heads: (B, 0, T, S) where the implementation returns weights."""
+        if self.config._attn_implementation != "eager":  # sdpa / flash / flex return None
+            return None
+        batch, length = hidden_states.shape[:2]
+        keys = attention_mask.shape[-1] if isinstance(attention_mask, torch.Tensor) else length
+        return hidden_states.new_zeros(batch, 0, length, keys)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
@@ -170,7 +188,7 @@ class TyrAttention(nn.Module):
             out = hidden_states.new_zeros(*input_shape, self.hidden_size)
             if self.o_proj.bias is not None:
                 out = out + self.o_proj.bias
-            return out, None
+            return out, self._no_heads_weights(hidden_states, attention_mask)
 
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
@@ -201,6 +219,23 @@ class TyrAttention(nn.Module):
         )
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
+
+
+# Per family: the same attention, seen by transformers' output recorders (``output_attentions``) as the family's.
+class TyrLlamaAttention(TyrAttention, LlamaAttention):
+    pass
+
+
+class TyrMistralAttention(TyrAttention, MistralAttention):
+    pass
+
+
+class TyrQwen2Attention(TyrAttention, Qwen2Attention):
+    pass
+
+
+class TyrQwen3Attention(TyrAttention, Qwen3Attention):
+    pass
 
 
 class TyrMLP(nn.Module):
@@ -246,12 +281,13 @@ class _TyrCausalLMMixin:
     """Builds the per-layer modules after the family's dense ``__init__`` (free under the meta device)."""
 
     _tyr_family = ""
+    _tyr_attention = TyrAttention
 
     def __init__(self, config):
         check_per_layer_config(config)
         super().__init__(config)
         for i, layer in enumerate(self.model.layers):
-            layer.self_attn = TyrAttention(config, i, self._tyr_family)
+            layer.self_attn = self._tyr_attention(config, i, self._tyr_family)
             layer.mlp = TyrMLP(config, i, self._tyr_family)
         heads = config.num_attention_heads_per_layer
         self._tyr_attention_free = [i for i, n in enumerate(heads) if n == 0]
@@ -329,21 +365,25 @@ class TyrQwen3Config(Qwen3Config):
 class TyrLlamaForCausalLM(_TyrCausalLMMixin, LlamaForCausalLM):
     config_class = TyrLlamaConfig
     _tyr_family = "llama"
+    _tyr_attention = TyrLlamaAttention
 
 
 class TyrMistralForCausalLM(_TyrCausalLMMixin, MistralForCausalLM):
     config_class = TyrMistralConfig
     _tyr_family = "mistral"
+    _tyr_attention = TyrMistralAttention
 
 
 class TyrQwen2ForCausalLM(_TyrCausalLMMixin, Qwen2ForCausalLM):
     config_class = TyrQwen2Config
     _tyr_family = "qwen2"
+    _tyr_attention = TyrQwen2Attention
 
 
 class TyrQwen3ForCausalLM(_TyrCausalLMMixin, Qwen3ForCausalLM):
     config_class = TyrQwen3Config
     _tyr_family = "qwen3"
+    _tyr_attention = TyrQwen3Attention
 
 
 # model_type of the dense family -> (config class, model class) of its pruned form
