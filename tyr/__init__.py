@@ -1,9 +1,21 @@
 """Tyr: global structural pruning of decoder-only LLMs (Týr-the-Pruner + EvoPress search)."""
 
+from importlib import metadata
+
 from tyr.errors import TyrError
 
 __all__ = ["TyrError", "load_pruned"]
-__version__ = "0.1.0"
+
+
+def _distribution_version(distribution: str = "tyr-pruner") -> str:
+    """The installed version (pyproject.toml's `version` is the one source); "0+unknown" without metadata."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:  # a bare source tree on sys.path, never installed
+        return "0+unknown"
+
+
+__version__ = _distribution_version()
 
 
 def load_pruned(path, **kwargs):

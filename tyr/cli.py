@@ -1,17 +1,27 @@
 """`tyr` command line: a thin layer over the Python API in `tyr.pipeline`.
 
-User mistakes (TyrError) print one line and exit 2; Ctrl-C exits 130 and the same command resumes.
+Every subcommand takes the global options `--log-level`, `--quiet`, `--verbose` and `--debug` (before or after
+its name); `tyr.logs` says what goes to stdout and what to stderr. Exit codes: 0 done; 2 a user mistake
+(TyrError) or an expected environment failure (disk full, no permission, a corrupt file), each one line
+`tyr: error: ...`; 1 an unexpected error, one line `tyr: internal error: ...` (`--debug` adds the traceback);
+130 Ctrl-C, after which the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
+from tyr import __version__, logs
 from tyr.config import RunConfig, resolve_config
 from tyr.errors import TyrError
+from tyr.methods import METHODS
 
 _FLAG_KEYS = {
     "model": "model.name",
@@ -40,9 +50,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     p.add_argument(
         "--method",
-        help="allocation: evolution (default), uniform, owl, layer-error, random, optuna",
+        help="allocation method (default evolution): "
+        + "; ".join(f"{name} = {cls.description}" for name, cls in METHODS.items()),
     )
     p.add_argument("--criterion", help="local pruning criterion: tyr (default), magnitude, wanda-sp, flap")
+    p.add_argument("--schedule", help="preset the config starts from: paper, cpu (default) or smoke")
     p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
     p.add_argument(
         "--set",
@@ -55,7 +67,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force", action="store_true", help="discard an existing run in --out that has another config"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -77,13 +88,16 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_build(args: argparse.Namespace) -> int:
     """Build iteration 1's supernet around the target sparsity and print what was built."""
     from tyr import pipeline
+    from tyr.rundir import RunDir
 
     cfg = _config_from_args(args)
-    run, session = pipeline.open_run(cfg, args.out, args.force, progress=not args.quiet)
-    centres = pipeline.uniform_centres(session.adapter, cfg)
-    store, report = pipeline.build_iteration_supernet(
-        session, run.supernet_dir(1), centres, iteration=1, progress=not args.quiet
-    )
+    progress = logs.progress_bars(args.quiet)
+    with RunDir(args.out).lock() as locked:
+        run, session = pipeline.open_run(cfg, locked, args.force, progress=progress, with_eval=False)
+        centres = pipeline.uniform_centres(session.adapter, cfg)
+        store, report = pipeline.build_iteration_supernet(
+            session, run.supernet_dir(1), centres, iteration=1, progress=progress
+        )
     print(pipeline.describe_supernet(session, store, report))
     return 0
 
@@ -94,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tyr.rundir import RunDir
 
     cfg = _config_from_args(args)
-    run(cfg, args.out, force=args.force, progress=not args.quiet, verbose=args.verbose)
+    run(cfg, args.out, force=args.force, progress=logs.progress_bars(args.quiet), verbose=args.verbose)
     done = RunDir(args.out)
     print(f"[tyr] done: {done.architecture_path}, {done.metrics_path}")
     return 0
@@ -129,12 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="whole pipeline: teacher, coarse-to-fine supernet + search, final metrics"
     )
     _add_run_options(run)
-    run.add_argument("--schedule", help="preset the config starts from: paper, cpu (default) or smoke")
     run.add_argument("--workers", type=int, help="evaluate fitness on N Ray workers (starts a local Ray)")
     run.add_argument(
         "--ray-address", help="join an existing Ray cluster: auto, host:6379 or ray://host:10001"
     )
-    run.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="where a run stands: stage, generation, best fitness, time left")
     status.add_argument("run", help="run directory")
@@ -153,22 +165,119 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_eval_parser(sub)
+    parser.add_argument("--version", action="version", version=f"tyr {__version__}")
+    _add_global_options(parser, argparse.SUPPRESS)
+    parser.set_defaults(log_level=None, quiet=False, verbose=False, debug=False)
+    for command in sub.choices.values():
+        _add_global_options(command, argparse.SUPPRESS)  # SUPPRESS: `tyr --quiet run` is not undone
     return parser
+
+
+def _add_global_options(p: argparse.ArgumentParser, default) -> None:
+    """Options every subcommand takes, before or after its name (`tyr --quiet run ...`, `tyr run --quiet`)."""
+    group = p.add_argument_group("output (every command)")
+    group.add_argument(
+        "--log-level", choices=list(logs.LEVELS), default=default, help="show messages from this level up"
+    )
+    verbosity = group.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "--quiet", action="store_true", default=default, help="warnings and errors only; no progress bars"
+    )
+    verbosity.add_argument(
+        "--verbose", action="store_true", default=default, help="debug messages, and Ray's own logs"
+    )
+    group.add_argument(
+        "--debug", action="store_true", default=default, help="also print the traceback of an error"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logs.setup(logs.level_for(args.log_level, args.quiet, args.verbose))
+    previous = _on_sigterm(_terminate)
     try:
         return args.func(args)
-    except TyrError as e:
-        print(f"tyr: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         out = getattr(args, "out", None)
         where = f" (state in {Path(out)})" if out else ""
-        print(f"\ntyr: interrupted{where}; re-run the same command to resume", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"\ntyr: {what}{where}; re-run the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        return _report_error(e, args)
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop): unwinds like Ctrl-C, so workers stop and files stay whole."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (main thread only); returns the previous one (None when not installed)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _report_error(e: Exception, args: argparse.Namespace) -> int:
+    """One line on stderr: exit 2 for user and environment errors, 1 for anything else (a bug)."""
+    if args.debug:
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    message = _expected_error(e, getattr(args, "out", None) or getattr(args, "run", None))
+    if message is not None:
+        print(f"tyr: error: {message}", file=sys.stderr)
+        return 2
+    hint = "" if args.debug else " (rerun with --debug for the traceback)"
+    print(f"tyr: internal error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
+    return 1
+
+
+def _expected_error(e: Exception, where: str | None) -> str | None:
+    """The message for a user mistake or an environment failure; None for an unexpected error."""
+    import yaml
+    from safetensors import SafetensorError
+
+    if isinstance(e, TyrError):
+        return str(e)
+    if isinstance(e, OSError):
+        return _os_error(e, where)
+    if isinstance(e, SafetensorError):
+        return (
+            f"cannot read a safetensors file ({_one_line(e)}): it is corrupt or truncated; delete it (or the "
+            "folder holding it) and re-run"
+        )
+    if isinstance(e, yaml.YAMLError):
+        return f"invalid YAML: {_one_line(e)}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"a JSON file is corrupt ({_one_line(e)}); delete or restore it (--debug shows which one)"
+    return None
+
+
+def _os_error(e: OSError, where: str | None) -> str:
+    """What failed, on which path, and what to do about it (`where`: the command's output, when known)."""
+    at = f" ({e.filename})" if e.filename is not None else ""
+    if e.errno == errno.ENOSPC:  # a failed write() names no file: say where the command was writing
+        at = at or (f" (writing under {where})" if where is not None else "")
+        return (
+            f"no space left on device{at}: free some space or use a larger disk, then re-run the same command "
+            "(a run resumes where it stopped)"
+        )
+    if isinstance(e, PermissionError):
+        return f"permission denied{at}: make it accessible to this user, or choose another path"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{at}: choose a writable path"
+    what = e.strerror or _one_line(e) or type(e).__name__
+    return f"{what}{at}"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -44,6 +43,8 @@ __all__ = [
     "connect",
     "ray_evaluator_factory",
 ]
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # TCP check of a cluster address before Ray is asked to join it
 PIPELINE_DEPTH = 2  # calls in flight per worker, so a worker never waits for the driver between chunks
@@ -65,12 +66,11 @@ def _ray():
 
 def _check_reachable(address: str, timeout_s: float) -> None:
     """TyrError unless a TCP connection to host:port of `address` opens within `timeout_s`."""
-    hostport = urlsplit(address).netloc if "://" in address else address
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise TyrError(f"Ray address {address!r} is not of the form host:port, ray://host:port or 'auto'")
+    from tyr.config import ray_host_port  # the syntax check, shared with config validation
+
+    host, port = ray_host_port(address)
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as e:
         raise TyrError(
@@ -355,7 +355,6 @@ class RayWorkerPool:
         self.num_workers = num_workers
         self.num_cpus = float(num_cpus_per_worker)
         self.num_gpus = float(num_gpus_per_worker)
-        self.verbose = verbose
         self.max_retries = max_retries
         self.startup_timeout_s = startup_timeout_s
         self.num_threads = int(num_threads) if num_threads else max(1, int(num_cpus_per_worker))
@@ -371,6 +370,10 @@ class RayWorkerPool:
         self._last_error = ""
         self._started_ray = connect(address, verbose=verbose)
         self._check_resources()
+        logger.info(
+            f"ray: {num_workers} worker(s) x ({self.num_cpus:g} CPU, {self.num_gpus:g} GPU) on "
+            f"{_cluster_name(address, self._started_ray)}"
+        )
         self.slots = [_Slot(i) for i in range(num_workers)]
         for slot in self.slots:
             self._start_actor(slot)
@@ -415,9 +418,11 @@ class RayWorkerPool:
         if slot.consecutive_failures > self.max_retries:
             slot.retired = True
             slot.actor = None
-            self._log(f"worker {slot.index} retired after {slot.consecutive_failures} failures ({reason})")
+            logger.warning(
+                f"ray: worker {slot.index} retired after {slot.consecutive_failures} failures ({reason})"
+            )
             return
-        self._log(f"worker {slot.index} died ({reason}); starting a replacement")
+        logger.warning(f"ray: worker {slot.index} died ({reason}); starting a replacement")
         self.stats.restarts += 1
         self._start_actor(slot)
 
@@ -445,9 +450,10 @@ class RayWorkerPool:
             self._replace_actor(slot, e)
             return
         self.stats.workers = [s.info for s in self.slots if s.info is not None]
-        self._log(
-            f"worker {slot.index} ready on {slot.info['host']} (pid {slot.info['pid']}, {slot.info['device']}, "
-            f"{slot.info['threads']} threads, {slot.info['seconds_setup']:.1f} s set-up)"
+        info = slot.info
+        logger.debug(
+            f"ray: worker {slot.index} ready on {info['host']} (pid {info['pid']}, {info['device']}, "
+            f"{info['threads']} threads, {info['seconds_setup']:.1f} s set-up)"
         )
 
     def prepare(self, supernet_dir: str | os.PathLike, fingerprint_hash: str) -> None:
@@ -586,9 +592,20 @@ class RayWorkerPool:
             self._started_ray = False
             _ray().shutdown()
 
-    def _log(self, message: str) -> None:
-        if self.verbose:
-            print(f"[tyr] ray: {message}", flush=True)
+
+def _cluster_name(address: str | None, started: bool) -> str:
+    """Where the workers run, for the log: the local instance this process started, or the cluster joined."""
+    ray = _ray()
+    gcs = ""
+    with contextlib.suppress(Exception):  # not every connection mode exposes it (Ray Client)
+        gcs = ray.get_runtime_context().gcs_address
+    at = f" ({gcs})" if gcs else ""
+    if started:
+        return f"a local Ray instance started for this run{at}"
+    joined = address or os.environ.get("RAY_ADDRESS")
+    if joined is None:
+        return f"the Ray instance this process was already connected to{at}"
+    return f"the Ray cluster at {joined}" + (at if gcs != joined else "")
 
 
 def _crash_errors() -> tuple[type[BaseException], ...]:
