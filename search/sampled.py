@@ -7,7 +7,8 @@ Both samplers run through an Optuna study stored in a journal file, so a killed 
 stopped: trials left RUNNING by the killed process are marked FAILED and redone, and the sampler is re-seeded
 from (seed, completed trials) before every batch, which makes a resumed search propose exactly what an
 uninterrupted one would. (A kill inside the milliseconds in which a scored batch is told to the journal can
-leave a partial batch; the resumed search is then still valid but may differ from an uninterrupted one.)
+leave a partial batch; the resumed search is then still valid but may differ from an uninterrupted one. An
+append cut short, by a kill or a full disk, leaves a torn last line: it is dropped on open, with a warning.)
 
 TPE is used rather than CMA-ES: Optuna's CMA-ES sampler keeps its state as pickled bytes inside the study,
 and Tyr never stores pickles.
@@ -16,7 +17,9 @@ and Tyr never stores pickles.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from tyr.search.evolution import FitnessFn
 from tyr.search.space import Genome, SearchSpace
 
 SAMPLERS = ("random", "tpe")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ def _open_study(optuna, journal_path: Path, identity: str):
     from optuna.storages.journal import JournalFileBackend
 
     journal_path.parent.mkdir(parents=True, exist_ok=True)
+    repair_journal(journal_path)
     storage = JournalStorage(JournalFileBackend(str(journal_path)))
     study = optuna.create_study(storage=storage, study_name="tyr", direction="minimize", load_if_exists=True)
     stored = study.user_attrs.get("identity")
@@ -125,6 +131,46 @@ def _open_study(optuna, journal_path: Path, identity: str):
             f"{journal_path} belongs to another search (other config or supernet); delete it to start over"
         )
     return study
+
+
+def repair_journal(path: Path) -> None:
+    """Drop a torn last record from an Optuna journal (one JSON object per line, each append fsynced).
+
+    A process killed (or a disk filled) in the middle of an append leaves a last line that is not JSON; that
+    append never completed, so dropping it loses nothing the search relies on: the trials it would have
+    recorded are redone on resume. A bad line anywhere else is corruption Tyr cannot repair: TyrError.
+    """
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # what follows the last newline: b"" unless the last append was cut short
+    bad = [i for i, line in enumerate(lines) if not _is_json(line)]
+    if bad and (bad[0] < len(lines) - 1 or tail):  # a bad line that is not the last one
+        raise TyrError(
+            f"{path} is corrupt (line {bad[0] + 1} is not a JSON record); delete the folder {path.parent} to "
+            "redo this iteration's search"
+        )
+    if not bad and not tail:
+        return
+    good = len(data) - len(tail) - (len(lines[-1]) + 1 if bad else 0)  # bytes of the complete, valid records
+    logger.warning(
+        "%s: dropping a torn last record (%d bytes) left by an append that never completed; its trials are redone",
+        path,
+        len(data) - good,
+    )
+    with open(path, "r+b") as f:
+        f.truncate(good)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return True
 
 
 def _fail_interrupted(optuna, study) -> None:

@@ -67,3 +67,21 @@ def test_paper_configs_stream_a_capped_calibration_source():
     for name in PAPER:
         cfg = resolve_config(str(CONFIGS / name), [])
         assert cfg.data.max_source_tokens == 4 * 4_194_304
+
+
+# Query heads, MLP channels and blocks of each shipped config's model (from their config.json files).
+SHAPES = {
+    "smollm2-135m": ({"attn": 9, "mlp": 1536}, 30),
+    "meta-llama/Llama-3.1-8B": ({"attn": 32, "mlp": 14336}, 32),
+    "meta-llama/Llama-3.1-70B": ({"attn": 64, "mlp": 28672}, 80),
+    "Qwen/Qwen2.5-7B": ({"attn": 28, "mlp": 18944}, 28),
+    "mistralai/Mistral-7B-v0.3": ({"attn": 32, "mlp": 14336}, 32),
+}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_config_sparsity_suits_its_model(path):
+    """The checks `tyr run` makes once the model's shapes are known pass for every shipped config."""
+    cfg = resolve_config(str(path), [])
+    units, num_layers = SHAPES[cfg.model.name]
+    cfg.validate_for_model(units, num_layers)

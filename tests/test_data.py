@@ -8,7 +8,7 @@ import torch
 
 from tests.tiny import char_tokenizer, write_corpus
 from tyr.config import resolve_config
-from tyr.data import TextSource, calibration_tokens, load_texts, token_stream, windows
+from tyr.data import TextSource, calibration_tokens, load_texts, looks_like_path, token_stream, windows
 from tyr.errors import TyrError
 
 
@@ -54,3 +54,23 @@ def test_hub_dataset_is_streamed_when_capped(monkeypatch):
 def test_cap_below_the_calibration_set_is_refused():
     with pytest.raises(TyrError, match="max_source_tokens"):
         resolve_config(None, ["data.num_sequences=4", "data.seq_len=32", "data.max_source_tokens=100"])
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [
+        ("nope.txt", True),
+        ("data/nope.txt", True),
+        ("shards/part.PARQUET", True),
+        ("./corpus", True),
+        ("~/corpus", True),
+        ("/data/corpus", True),
+        ("a/b/c", True),
+        ("wikitext", False),
+        ("Salesforce/wikitext", False),
+        ("HuggingFaceFW/fineweb-edu", False),
+        ("allenai/c4", False),
+    ],
+)
+def test_missing_local_paths_are_not_taken_for_hub_names(name, local):
+    assert looks_like_path(name) == local

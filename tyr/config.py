@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -121,40 +124,51 @@ class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)  # last: config.yaml omits it (not identity)
 
     def validate(self) -> None:
-        """Checks that need no model: ranges and enumerations. Raises TyrError."""
+        """Checks that need no model: every setting's range, enumerations and names. Raises TyrError."""
+        _check_finite(self)
         if not (0.0 <= self.sparsity < 1.0):
             raise TyrError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        sn = self.supernet
-        if sn.num_levels < 1 or sn.num_levels % 2 == 0:
-            raise TyrError(f"supernet.num_levels must be a positive odd number, got {sn.num_levels}")
-        if not (0.0 <= self.search.owl_lambda < 1.0) or self.search.owl_threshold <= 0:
-            raise TyrError("search.owl_lambda must be in [0, 1) and search.owl_threshold > 0")
-        from tyr.supernet.criteria import CRITERIA
-
-        if sn.criterion not in CRITERIA:
-            raise TyrError(f"supernet.criterion must be one of {', '.join(CRITERIA)}, got {sn.criterion!r}")
-        if sn.accumulation not in ACCUMULATION_MODES:
-            raise TyrError(f"supernet.accumulation must be one of {', '.join(ACCUMULATION_MODES)}")
-        for name in ("attn_step", "mlp_step"):
-            if not (0.0 < getattr(sn, name) <= 1.0):
-                raise TyrError(f"supernet.{name} must be in (0, 1], got {getattr(sn, name)}")
-        for name in ("min_attn_step", "min_mlp_step", "channel_multiple", "batch_size"):
-            if getattr(sn, name) < 1:
-                raise TyrError(f"supernet.{name} must be >= 1, got {getattr(sn, name)}")
-        if sn.damp < 0 or not math.isfinite(sn.damp):
-            raise TyrError(f"supernet.damp must be >= 0, got {sn.damp}")
-        if self.data.num_sequences < 1 or self.data.seq_len < 2:
-            raise TyrError("data.num_sequences must be >= 1 and data.seq_len >= 2")
-        needed = self.data.num_sequences * self.data.seq_len
-        if self.data.max_source_tokens is not None and self.data.max_source_tokens < needed:
-            raise TyrError(
-                f"data.max_source_tokens={self.data.max_source_tokens} is below the {needed} calibration tokens "
-                "asked for (data.num_sequences x data.seq_len)"
-            )
+        _at_least("seed", self.seed, 0)  # numpy's generators take non-negative seeds only
+        _validate_model(self.model)
+        _validate_data(self.data)
+        _validate_supernet(self.supernet)
         self._validate_search()
-        b = self.backend
-        if b.num_workers < 1 or b.num_cpus_per_worker < 0 or b.num_gpus_per_worker < 0 or b.max_retries < 0:
-            raise TyrError("backend: num_workers must be >= 1; CPU/GPU requests and max_retries must be >= 0")
+        _validate_backend(self.backend)
+
+    def validate_for_model(self, num_units: dict[str, int], num_layers: int) -> None:
+        """Checks that need the model's shapes (units per module type, number of blocks); cheap, so they run
+        before any heavy work. Raises TyrError.
+
+        The searching methods move units between modules by level switches (one module a level denser, another
+        a level sparser, ALGORITHM §5), so iteration 1's ladders around the target must allow at least one; a
+        sparsity that rounds to removing no unit, or every unit, of every module leaves nothing to allocate.
+        """
+        from tyr.methods import is_one_shot
+
+        searching = not is_one_shot(self.search.method) and any(self.search.generations)
+        if has_level_switch(self, num_units, num_layers, searching):
+            return
+        usable = usable_sparsities(self, num_units, num_layers, searching)
+        removed = _removed_per_block(self, num_units)
+        what = "the search has no level switch to make" if searching else "there is nothing to allocate"
+        message = (
+            f"sparsity {self.sparsity:g} removes {removed['attn']} of {num_units['attn']} attention heads and "
+            f"{removed['mlp']} of {num_units['mlp']} MLP channels per block: {what}; "
+        )
+        if usable:
+            ranges = " or ".join(f"({_round(lo, math.ceil)}, {_round(hi, math.floor)}]" for lo, hi in usable)
+            settings = " with these supernet ladder settings" if searching else ""
+            raise TyrError(message + f"use a sparsity in {ranges} for this model{settings}")
+        if self.supernet.num_levels < 3:
+            fix = "supernet.num_levels >= 3"
+        elif num_layers < 2 and self.search.budget == "per_type":
+            fix = "more than one block (model.num_layers) or search.budget=joint"
+        else:
+            fix = "smaller supernet.min_attn_step / min_mlp_step / channel_multiple"
+        raise TyrError(
+            message + f"no sparsity gives this model a level switch with these settings: use {fix}, or a "
+            "one-shot search.method (uniform, owl, layer-error)"
+        )
 
     def _validate_search(self) -> None:
         se = self.search
@@ -168,8 +182,13 @@ class RunConfig:
         if any(len(st) != 2 for st in se.stages):
             raise TyrError(f"search.stages must be a list of [survivors, tokens] pairs, got {se.stages}")
         for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
-            if getattr(se, name) < 1:
-                raise TyrError(f"search.{name} must be >= 1, got {getattr(se, name)}")
+            _at_least(f"search.{name}", getattr(se, name), 1)
+        _at_least("search.max_level_distance", se.max_level_distance, 1)
+        if not (0.0 <= se.owl_lambda < 1.0) or se.owl_threshold <= 0:
+            raise TyrError(
+                f"search.owl_lambda must be in [0, 1) and search.owl_threshold > 0, got {se.owl_lambda} and "
+                f"{se.owl_threshold}"
+            )
         from tyr.methods import METHODS
 
         if se.method not in METHODS:
@@ -179,12 +198,208 @@ class RunConfig:
                 f"search.method={se.method} allocates under search.budget=per_type only (it holds each module "
                 "type's unit count exactly); set search.budget=per_type or use method evolution"
             )
+        if not METHODS[se.method].one_shot:
+            _validate_stages(se)
         tokens = self.data.num_sequences * self.data.seq_len
         if se.stages and max(st[1] for st in se.stages) > tokens:
             raise TyrError(
                 f"search.stages ask for up to {max(st[1] for st in se.stages)} tokens per stage but the calibration "
                 f"set has {tokens} (data.num_sequences x data.seq_len); lower the stage tokens or add data"
             )
+
+
+# Names accepted by model.dtype and supernet.storage_dtype (besides auto), with the torch dtype each means.
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def _at_least(where: str, value: int | float | None, minimum: int | float) -> None:
+    """TyrError unless `value` is None (where the setting allows it) or >= `minimum`."""
+    if value is not None and value < minimum:
+        raise TyrError(f"{where} must be >= {minimum}, got {value}")
+
+
+def _check_finite(cfg: Any, where: str = "") -> None:
+    """TyrError for a NaN or infinite float anywhere in `cfg` (YAML reads .nan and .inf as floats)."""
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), _join(where, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise TyrError(f"{name} must be a finite number, got {value}")
+
+
+def _check_dtype(where: str, name: str) -> None:
+    if name != "auto" and name not in DTYPES:
+        raise TyrError(f"{where}: unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _check_dtype("model.dtype", m.dtype)
+    _at_least("model.num_layers", m.num_layers, 1)
+
+
+def _validate_data(d: DataConfig) -> None:
+    _at_least("data.num_sequences", d.num_sequences, 1)
+    _at_least("data.seq_len", d.seq_len, 2)
+    _at_least("data.num_eval_sequences", d.num_eval_sequences, 1)  # None = every window
+    _at_least("data.max_source_tokens", d.max_source_tokens, 1)
+    needed = d.num_sequences * d.seq_len
+    if d.max_source_tokens is not None and d.max_source_tokens < needed:
+        raise TyrError(
+            f"data.max_source_tokens={d.max_source_tokens} is below the {needed} calibration tokens "
+            "asked for (data.num_sequences x data.seq_len)"
+        )
+
+
+def _validate_supernet(sn: SupernetConfig) -> None:
+    if sn.num_levels < 1 or sn.num_levels % 2 == 0:
+        raise TyrError(f"supernet.num_levels must be a positive odd number, got {sn.num_levels}")
+    from tyr.supernet.criteria import CRITERIA
+
+    if sn.criterion not in CRITERIA:
+        raise TyrError(f"supernet.criterion must be one of {', '.join(CRITERIA)}, got {sn.criterion!r}")
+    if sn.accumulation not in ACCUMULATION_MODES:
+        raise TyrError(f"supernet.accumulation must be one of {', '.join(ACCUMULATION_MODES)}")
+    for name in ("attn_step", "mlp_step"):
+        if not (0.0 < getattr(sn, name) <= 1.0):
+            raise TyrError(f"supernet.{name} must be in (0, 1], got {getattr(sn, name)}")
+    for name in ("min_attn_step", "min_mlp_step", "channel_multiple", "batch_size"):
+        _at_least(f"supernet.{name}", getattr(sn, name), 1)
+    for name in ("attn_rounds", "mlp_rounds"):  # None = one unit per round
+        _at_least(f"supernet.{name}", getattr(sn, name), 1)
+    _at_least("supernet.damp", sn.damp, 0)
+    _check_dtype("supernet.storage_dtype", sn.storage_dtype)
+
+
+def _validate_stages(se: SearchConfig) -> None:
+    """The selection stages as the evolution (and the samplers, which match its budget) will check them."""
+    from tyr.search.evolution import EvolutionConfig, Stage
+
+    stages = tuple(Stage(int(s), int(t)) for s, t in se.stages)
+    EvolutionConfig(1, se.num_offspring, stages, se.max_mutations, se.max_level_distance).validate()
+
+
+def _validate_backend(b: BackendConfig) -> None:
+    if b.num_workers < 1 or b.num_cpus_per_worker < 0 or b.num_gpus_per_worker < 0 or b.max_retries < 0:
+        raise TyrError("backend: num_workers must be >= 1; CPU/GPU requests and max_retries must be >= 0")
+    if b.address is not None:
+        ray_host_port(b.address)
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray cluster address `host:port` or `ray://host:port`; None for `auto`.
+
+    A pure syntax check (nothing is contacted), so that a typo is refused before any work. TyrError otherwise.
+    """
+    if address == "auto":
+        return None
+    bad = TyrError(
+        f"Ray address {address!r} is not of the form host:port, ray://host:port or 'auto' "
+        "(e.g. 10.0.0.1:6379 or ray://head-node:10001)"
+    )
+    hostport = address
+    if "://" in address:
+        try:
+            parts = urlsplit(address)
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            raise bad from None
+        if parts.scheme != "ray" or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise bad
+        hostport = parts.netloc
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad
+    if host.startswith("[") and host.endswith("]"):  # IPv6 literal
+        host = host[1:-1]
+        if not host or not set(host) <= set("0123456789abcdefABCDEF:."):
+            raise bad
+    elif not host or not set(host) <= set(string.ascii_letters + string.digits + ".-_"):
+        raise bad
+    return host, int(port)
+
+
+# -- sparsities a model can take (validate_for_model) -------------------------------------------------------------
+
+
+def _removed_per_block(cfg: RunConfig, num_units: dict[str, int]) -> dict[str, int]:
+    """Units removed per module at the target (iteration 1's ladder centres), per module type."""
+    from tyr.supernet.ladder import centre_for_sparsity
+
+    multiple = {"attn": 1, "mlp": cfg.supernet.channel_multiple}
+    return {kind: centre_for_sparsity(n, cfg.sparsity, multiple[kind]) for kind, n in num_units.items()}
+
+
+def _switch_steps(cfg: RunConfig, num_units: dict[str, int], searching: bool) -> dict[str, int]:
+    """Iteration 1's ladder step per module type (searching), else 1 unit (something to allocate at all)."""
+    from tyr.supernet.ladder import step_units
+
+    if not searching:
+        return {kind: 1 for kind in num_units}
+    sn = cfg.supernet
+    return {
+        "attn": step_units(num_units["attn"], sn.attn_step, sn.min_attn_step),
+        "mlp": step_units(num_units["mlp"], sn.mlp_step, sn.min_mlp_step, sn.channel_multiple),
+    }
+
+
+def _switch_pairs(cfg: RunConfig, num_units: dict[str, int], num_layers: int, searching: bool) -> list:
+    """(denser type, sparser type) pairs a level switch may combine: the same type (per_type budget; needs
+    two blocks when searching), or any two types (joint budget)."""
+    if searching and cfg.supernet.num_levels < 3:  # a ladder of one level has no neighbour
+        return []
+    pairs = [(k, k) for k in num_units] if num_layers >= 2 or not searching else []
+    if searching and cfg.search.budget == "joint":
+        pairs += [(a, b) for a in num_units for b in num_units if a != b]
+    return pairs
+
+
+def has_level_switch(cfg: RunConfig, num_units: dict[str, int], num_layers: int, searching: bool) -> bool:
+    """Whether iteration 1's start (every module at the target) allows one level switch: a module one level
+    denser (c >= step) and another one level sparser (c + step <= n), as `tyr.supernet.ladder` builds them."""
+    removed = _removed_per_block(cfg, num_units)
+    steps = _switch_steps(cfg, num_units, searching)
+    return any(
+        removed[a] >= steps[a] and removed[b] + steps[b] <= num_units[b]
+        for a, b in _switch_pairs(cfg, num_units, num_layers, searching)
+    )
+
+
+def usable_sparsities(
+    cfg: RunConfig, num_units: dict[str, int], num_layers: int, searching: bool
+) -> list[tuple[float, float]]:
+    """The sparsities s at which `has_level_switch` holds, as disjoint intervals (lo, hi].
+
+    The centre removes c(s) = m * ceil(s * n / m) of a module's n units (m: the type's rounding multiple), so
+    c >= step for s > (ceil(step / m) - 1) * m / n and c + step <= n for s <= floor((n - step) / m) * m / n.
+    """
+    multiple = {"attn": 1, "mlp": cfg.supernet.channel_multiple}
+    steps = _switch_steps(cfg, num_units, searching)
+    lo = {k: (math.ceil(steps[k] / multiple[k]) - 1) * multiple[k] / n for k, n in num_units.items()}
+    hi = {k: math.floor((n - steps[k]) / multiple[k]) * multiple[k] / n for k, n in num_units.items()}
+    pairs = _switch_pairs(cfg, num_units, num_layers, searching)
+    return _merge([(lo[a], hi[b]) for a, b in pairs if lo[a] < hi[b]])
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _round(x: float, direction: Callable[[float], float]) -> str:
+    """`x` to 4 decimals, rounded inwards so that the printed range holds only usable values."""
+    return f"{direction(x * 1e4 + (1e-6 if direction is math.floor else -1e-6)) / 1e4:g}"
 
 
 def to_dict(cfg: Any) -> dict:
@@ -255,13 +470,26 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file. TyrError for a missing path, a folder, unreadable or non-UTF-8
+    bytes, invalid YAML, or a top level that is no mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise TyrError(f"config file {path} is a directory; give the path of a YAML file")
     if not path.is_file():
         raise TyrError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise TyrError(
+            f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); is it YAML?"
+        ) from None
+    except OSError as e:
+        raise TyrError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise TyrError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise TyrError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise TyrError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -308,7 +536,9 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 # Settings that cannot change a result (where fitness runs, how memory is placed, logging): not part of a
 # run's identity, so a run may be resumed with other values. Dotted keys name one setting of a section.
-IDENTITY_EXCLUDED = ("backend",)
+# The held-out evaluation (data.eval*) is measured after the search and recorded in final/metrics.json with
+# a hash of its tokens; changing it re-measures a finished run instead of orphaning it.
+IDENTITY_EXCLUDED = ("backend", "data.eval", "data.eval_config", "data.eval_split", "data.num_eval_sequences")
 
 
 def identity_dict(cfg: Any) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,23 +75,96 @@ def iter_texts(source: TextSource, streaming: bool = False) -> Iterator[str]:
         if path.exists():
             files, loader = _local_files(path)
             split = "train"
-        elif source.name.startswith((".", "/", "~")) or os.sep in source.name and source.name.count("/") > 1:
-            raise TyrError(f"data path {source.name!r} does not exist")
+            if loader == "text":
+                _check_text_files(files, encoding)
+        elif looks_like_path(source.name):
+            raise TyrError(
+                f"data path {source.name!r} does not exist (relative paths start at {Path.cwd()}); give an "
+                f"existing file or folder ({', '.join(sorted(_LOADERS))}), or a datasets hub name"
+            )
         else:
             files, loader, split = None, None, source.split
-    try:
-        if files is not None:
-            kwargs = {"encoding": encoding, "encoding_errors": "replace"} if loader == "text" else {}
-            ds = datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
-        else:
-            ds = datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise TyrError(f"cannot load data {source.name!r}: {str(e).splitlines()[0]}") from None
+    ds = _load_dataset(source, files, loader, split, encoding, streaming)
     if isinstance(ds, datasets.IterableDataset):
         return _iter_streamed(ds, source)
     if source.text_field not in ds.column_names:
         raise TyrError(_missing_column(source, ds.column_names))
     return (t for t in ds[source.text_field] if isinstance(t, str) and t.strip())
+
+
+def _load_dataset(
+    source: TextSource,
+    files: list[str] | None,
+    loader: str | None,
+    split: str,
+    encoding: str,
+    streaming: bool,
+):
+    """`datasets.load_dataset` for local files (`files`) or a hub name; its failures become one TyrError."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines repeat what the TyrError says
+    try:
+        if files is not None:
+            kwargs = {"encoding": encoding, "encoding_errors": "replace"} if loader == "text" else {}
+            return datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
+        return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise TyrError(f"cannot load data {source.name!r}: {str(e).splitlines()[0]}") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # e.g. a malformed .json/.jsonl line
+        raise TyrError(_unreadable(source, files, loader, e)) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a `--data` string is meant as a local path rather than a hub dataset name (`org/name`): it
+    starts with . / or ~, holds more than one separator (or a backslash), or ends in a data file extension."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).suffix.lower() in _LOADERS
+    )
+
+
+# A text file whose first 64 KiB are more than this fraction of undecodable bytes (U+FFFD after decoding with
+# errors="replace") or control characters is binary, not text: random bytes give ~50%, latin-1 read as
+# UTF-8 a few %.
+_MAX_GARBAGE_FRACTION = 0.10
+_SAMPLE_BYTES = 1 << 16
+
+
+def _check_text_files(files: list[str], encoding: str) -> None:
+    for name in files:
+        with open(name, "rb") as f:
+            sample = f.read(_SAMPLE_BYTES).decode(encoding, errors="replace")
+        if not sample:
+            continue
+        garbage = sum(1 for ch in sample if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v"))
+        if garbage > _MAX_GARBAGE_FRACTION * len(sample):
+            raise TyrError(
+                f"data file {name} does not look like text: {garbage / len(sample):.0%} of its first "
+                f"{len(sample)} characters are undecodable bytes or control characters (read as {encoding}); "
+                "give a plain-text file, or .json/.jsonl/.parquet with a text column"
+            )
+
+
+def _unreadable(source: TextSource, files: list[str] | None, loader: str | None, e: Exception) -> str:
+    what = {"json": "valid JSON / JSON Lines", "parquet": "valid Parquet"}.get(loader or "", "readable")
+    if files is None:
+        return f"cannot read data {source.name!r}: {_cause(e)}"
+    if len(files) == 1:
+        return f"data file {files[0]} is not {what}: {_cause(e)}"
+    return f"data {source.name!r} holds a file that is not {what} (of {len(files)} files): {_cause(e)}"
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of the error behind `e` (datasets wraps the parser's own message)."""
+    cause = e.__cause__ or e.__context__ or e
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
 
 
 def _iter_streamed(ds, source: TextSource) -> Iterator[str]:
@@ -180,8 +252,12 @@ def calibration_tokens(
 def evaluation_tokens(
     source: TextSource, tokenizer, seq_len: int, num_sequences: int | None = None
 ) -> torch.Tensor:
-    """Consecutive windows from the start of the corpus, (n, seq_len)."""
+    """Consecutive windows from the start of the corpus, (n, seq_len); `num_sequences` None = all."""
+    if num_sequences is not None and num_sequences < 1:
+        raise TyrError(
+            f"the number of evaluation sequences must be >= 1 (or unset: all), got {num_sequences}"
+        )
     all_windows = windows(token_stream(load_texts(source), tokenizer), seq_len)
     if all_windows.shape[0] == 0:
         raise TyrError(f"data {source.name!r} is shorter than one sequence of {seq_len} tokens")
-    return all_windows[:num_sequences].clone() if num_sequences else all_windows.clone()
+    return all_windows[:num_sequences].clone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -10,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from tyr.errors import TyrError
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,19 +41,13 @@ def cache_dir() -> Path:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' = bf16 on accelerators, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    from tyr.config import DTYPES
+
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in table:
+    if name not in DTYPES:
         raise TyrError(f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16")
-    return table[name]
+    return getattr(torch, DTYPES[name])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,17 +80,72 @@ def resolve_model(source: str) -> ResolvedModel:
 
 
 def load_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device):
-    """Load a causal LM in eval mode; a hub id that cannot be fetched becomes a clear TyrError."""
+    """Load a causal LM in eval mode from safetensors weights only; TyrError when they cannot be read, do not
+    match config.json, or a hub id cannot be fetched."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    _refuse_pickled_weights(resolved)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a mismatch is reported below, in one line, instead of transformers' table
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            resolved.path,
+            dtype=dtype,
+            use_safetensors=True,  # never unpickle: a .bin checkpoint can run code when loaded
+            ignore_mismatched_sizes=True,  # mismatches come back in `info`, refused below
+            output_loading_info=True,
+        )
     except OSError as e:
+        local = Path(resolved.path).is_dir()
+        hint = "" if local else f" (offline? use a local folder or the built-in alias '{SMOLLM2_ALIAS}')"
+        raise TyrError(f"cannot load model {resolved.source!r}: {str(e).splitlines()[0]}{hint}") from None
+    except SafetensorError as e:
         raise TyrError(
-            f"cannot load model {resolved.source!r}: {str(e).splitlines()[0]} "
-            f"(offline? use a local folder or the built-in alias '{SMOLLM2_ALIAS}')"
+            f"cannot load model {resolved.source!r}: its safetensors weights are unreadable ({e}); the file is "
+            "truncated or corrupt: download or save the model again"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_loading_info(resolved, info)
     return model.to(device).eval()
+
+
+def _refuse_pickled_weights(resolved: ResolvedModel) -> None:
+    refuse_pickled_weights(Path(resolved.path))
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A local folder holding only pickled weights (pytorch_model.bin) gets a clear TyrError."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if pickled:
+        raise TyrError(
+            f"model folder {folder} holds only pickled weights ({', '.join(pickled)}); Tyr loads only "
+            "safetensors weights (a pickle can run code when loaded): convert the model in an environment you "
+            "trust (`from_pretrained(...).save_pretrained(DIR)` writes model.safetensors)"
+        )
+
+
+def _check_loading_info(resolved: ResolvedModel, info: dict) -> None:
+    """TyrError when the checkpoint's tensors do not fit the architecture in config.json (wrong shapes, or
+    tensors the architecture needs but the checkpoint lacks: they would be left randomly initialised)."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    if not mismatched and not missing:
+        return
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        detail = f"{name} is {list(stored)} in the weights but config.json implies {list(expected)}"
+        count = len(mismatched)
+    else:
+        detail, count = f"{missing[0]} is missing from the weights", len(missing)
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    raise TyrError(
+        f"the weights of model {resolved.source!r} do not match its config.json: {detail}{more}; fix "
+        "config.json (hidden_size, num_key_value_heads, num_hidden_layers, ...) or use the weights it belongs to"
+    )
 
 
 def load_tokenizer(resolved: ResolvedModel):
@@ -126,7 +180,7 @@ def _smollm2_folder() -> Path:
 def _convert_gguf(gguf_dir: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    print(f"[tyr] converting SmolLM2-135M GGUF to {target} (once, ~30 s)", flush=True)
+    logger.info(f"converting SmolLM2-135M GGUF to {target} (once, ~30 s)")
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
     config = gguf_model.config

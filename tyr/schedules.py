@@ -62,6 +62,8 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str) -> dict:
-    if name not in PRESETS:
+    """A copy of the named preset's settings. TyrError for an unknown name, or a value that is no name at all
+    (YAML or `--set schedule=...` can give a list or a mapping)."""
+    if not isinstance(name, str) or name not in PRESETS:
         raise TyrError(f"unknown schedule {name!r}; choose one of {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
