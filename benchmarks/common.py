@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from tyr.config import RunConfig, resolve_config
-from tyr.data import TextSource, evaluation_tokens
 from tyr.io import atomic_write_json
+from tyr.pipeline import held_out_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,9 +32,7 @@ def reference_config(*overrides: str) -> RunConfig:
 
 
 def eval_tokens(session) -> torch.Tensor:
-    cfg = session.cfg
-    source = TextSource(cfg.data.eval, cfg.data.eval_config, cfg.data.eval_split, cfg.data.text_field)
-    return evaluation_tokens(source, session.tokenizer, cfg.data.seq_len, cfg.data.num_eval_sequences)
+    return held_out_tokens(session.cfg, session.tokenizer)
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:

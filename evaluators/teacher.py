@@ -257,7 +257,10 @@ class TeacherTargets:
                     f"{file_path}: tensor '{name}' is {got}{list(shape)}, meta.json says {dtype}{[n, t, k]}; {hint}"
                 )
         if verify and meta.get("targets_sha256") and sha256_file(file_path) != meta["targets_sha256"]:
-            raise TyrError(f"{file_path} does not match the sha256 recorded in {meta_path}; {hint}")
+            raise TyrError(
+                f"{file_path} does not match the sha256 recorded in {meta_path} (the file changed after it was "
+                f"written); delete {directory} and re-run the same command to recompute the targets"
+            )
         return cls(directory, meta, handle, n, t, k)
 
     def check_tokens(self, tokens: torch.Tensor) -> None:

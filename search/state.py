@@ -24,7 +24,11 @@ from tyr.search.evolution import EvolutionConfig, FitnessFn, GenerationResult, G
 from tyr.search.space import SearchSpace
 
 STATE_VERSION = 1
-_FIX = "use a new --out, or --force to start the search over"
+
+
+def _fix(state_path: str | os.PathLike) -> str:
+    """The remedy for a state that cannot be resumed (--force would change nothing: the config is the same)."""
+    return f"delete {Path(state_path).parent} to redo this search from its start, or use a new --out"
 
 
 @dataclass
@@ -54,7 +58,7 @@ class SearchState:
         """Parse and check a saved state; TyrError naming the bad field when it is corrupt."""
 
         def bad(what: str) -> TyrError:
-            return TyrError(f"search state is corrupt: {what}; {_FIX}")
+            return TyrError(f"search state is corrupt: {what}")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -142,11 +146,11 @@ def load_state(path: str | os.PathLike, identity: dict) -> SearchState | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise TyrError(f"search state {path} is not valid JSON ({e}); {_FIX}") from None
+        raise TyrError(f"search state {path} is not valid JSON ({e}); {_fix(path)}") from None
     try:
         state = SearchState.from_json(data)
     except TyrError as e:
-        raise TyrError(f"{path}: {e}") from None
+        raise TyrError(f"{path}: {e}; {_fix(path)}") from None
     saved, now = state.identity, _normalise(identity)
     diffs = [
         f"{key!r}: saved {saved.get(key, '<missing>')!r}, now {now.get(key, '<missing>')!r}"
@@ -155,7 +159,7 @@ def load_state(path: str | os.PathLike, identity: dict) -> SearchState | None:
     ]
     if diffs:
         raise TyrError(
-            f"search state {path} belongs to a different search (" + "; ".join(diffs) + f"): {_FIX}"
+            f"search state {path} belongs to a different search (" + "; ".join(diffs) + f"): {_fix(path)}"
         )
     return state
 
@@ -227,12 +231,12 @@ def evolve(
     else:
         if state.seed is not None and state.seed != seed:
             raise TyrError(
-                f"search state {state_path} was started with seed {state.seed}, now seed {seed}: {_FIX}"
+                f"search state {state_path} was started with seed {state.seed}, now seed {seed}: {_fix(state_path)}"
             )
         if not space.is_feasible(state.parent):
             raise TyrError(
                 f"search state {state_path}: its parent is not feasible in this search space "
-                f"({space.describe(state.parent)}): {_FIX}"
+                f"({space.describe(state.parent)}): {_fix(state_path)}"
             )
     Path(history_path).parent.mkdir(parents=True, exist_ok=True)
     truncate_history(history_path, state.generation)

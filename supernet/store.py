@@ -8,6 +8,7 @@ finished gene, so a killed build resumes at the first unfinished gene.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,14 @@ class SupernetStore:
                 )
             if manifest.get("fingerprint_hash") == store.fingerprint_hash:
                 store._genes = manifest["genes"]
-        elif store.directory.exists() and any(store.directory.iterdir()) and not force:
-            raise TyrError(
-                f"{store.directory} is not empty and holds no supernet manifest; use another folder"
-            )
+        elif store.directory.exists() and any(store.directory.iterdir()):
+            leftovers = _unfinished_build_files(store.directory)
+            if leftovers is None and not force:
+                raise TyrError(
+                    f"{store.directory} is not empty and holds no supernet manifest; use another folder"
+                )
+            for path in leftovers or ():  # a build killed before its first gene was recorded: start over
+                path.unlink()
         store.directory.mkdir(parents=True, exist_ok=True)
         return store
 
@@ -195,6 +200,13 @@ class SupernetStore:
         self._remember(key, variant)
         return variant
 
+    def verify(self) -> None:
+        """Check every variant file against its recorded sha256 (reads them all); TyrError naming the first
+        missing or changed one."""
+        for gene in self.genes():
+            for entry in self.level_entries(gene):
+                self._read_variant(gene, entry)
+
     def verify_gene(self, gene: Gene) -> bool:
         """True if every level file of the gene exists and matches its recorded sha256."""
         try:
@@ -207,7 +219,7 @@ class SupernetStore:
     def _read_variant(self, gene: Gene, entry: LevelEntry) -> Variant:
         import hashlib
 
-        path = self.directory / entry.file
+        path = self._variant_file(gene, entry)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -228,6 +240,22 @@ class SupernetStore:
             bias=tensors.get("bias"),
         )
 
+    def _variant_file(self, gene: Gene, entry: LevelEntry) -> Path:
+        """The variant's file, confined to this supernet: the manifest may only name the file Tyr writes for
+        (gene, level), and it must resolve to a regular file inside the folder (no links out, no FIFOs)."""
+        if entry.file != variant_path(gene, entry.level):
+            raise TyrError(
+                f"the manifest of {self.directory} names {entry.file!r} for gene {gene.name} level {entry.level} "
+                f"(expected {variant_path(gene, entry.level)!r}); it was not written by Tyr: rebuild the supernet"
+            )
+        path = self.directory / entry.file
+        resolved, root = path.resolve(), self.directory.resolve()
+        if root not in resolved.parents or (path.exists() and not resolved.is_file()):
+            raise TyrError(
+                f"variant file {path} is not a regular file inside {self.directory}; rebuild the supernet"
+            )
+        return path
+
     def _remember(self, key: tuple[str, int], variant: Variant) -> None:
         size = _nbytes(variant)
         self._cache[key] = variant
@@ -242,15 +270,42 @@ def _nbytes(variant: Variant) -> int:
     return variant.weight.numel() * variant.weight.element_size() + bias
 
 
+_VARIANT_FILE = re.compile(r"[+-]\d+\.safetensors")
+
+
+def _unfinished_build_files(directory: Path) -> list[Path] | None:
+    """The files a build killed before recording its first gene leaves (variant files, temp files), or None
+    when the folder holds anything else."""
+    files = []
+    for path in directory.rglob("*"):
+        rel = path.relative_to(directory).parts
+        if path.is_symlink():
+            return None
+        if path.is_dir():
+            ok = rel[0].isdigit() and (len(rel) == 1 or (len(rel) == 2 and rel[1] in ("attn", "mlp")))
+        else:
+            name = rel[-1]
+            in_gene = len(rel) == 3 and rel[0].isdigit() and rel[1] in ("attn", "mlp")
+            ok = (in_gene and (_VARIANT_FILE.fullmatch(name) or name.endswith(".tmp"))) or (
+                len(rel) == 1 and name.startswith(f".{MANIFEST}.") and name.endswith(".tmp")
+            )
+            files.append(path)
+        if not ok:
+            return None
+    return files
+
+
 def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TyrError(
-            f"supernet manifest {path} is unreadable ({e}); delete the folder or use --force"
+            f"supernet manifest {path} is unreadable ({e}); delete {path.parent} and re-run to rebuild it"
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "genes" not in manifest:
-        raise TyrError(f"supernet manifest {path} has an unknown format; delete the folder or use --force")
+        raise TyrError(
+            f"supernet manifest {path} has an unknown format; delete {path.parent} and re-run to rebuild it"
+        )
     return manifest
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import smoke_args
+from tyr.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def _command(assets: dict, out: Path) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return dict(os.environ)
 
 
 def _genes_built(path: Path) -> int:
@@ -52,9 +53,8 @@ def _run_and_kill(cmd: list[str], reached: Callable[[], bool], timeout: float = 
 
 
 def _final(out: Path) -> tuple[dict, list]:
-    arch = json.loads((out / "final" / "architecture.json").read_text())
-    results = [json.loads((out / f"iter-{i}" / "result.json").read_text()) for i in (1, 2)]
-    return arch, results
+    run = RunDir(out)
+    return run.read_architecture(), [run.read_result(i) for i in (1, 2)]
 
 
 def test_killed_run_resumes_to_the_same_architecture(tmp_path, tiny_assets):
@@ -63,18 +63,18 @@ def test_killed_run_resumes_to_the_same_architecture(tmp_path, tiny_assets):
 
     out = tmp_path / "killed"
     cmd = _command(tiny_assets, out)
-    it1, it2 = out / "iter-1", out / "iter-2"
+    run = RunDir(out)
     kill_points = [
-        lambda: _genes_built(it1 / "supernet" / "manifest.json") >= 3,  # mid supernet build
-        lambda: (it1 / "search" / "state.json").exists(),  # mid generation 2 of iteration 1
-        lambda: _lines(it1 / "search" / "history.jsonl") >= 2,  # late in iteration 1
-        lambda: _genes_built(it2 / "supernet" / "manifest.json") >= 1,  # iteration 2's build
-        lambda: (it2 / "search" / "state.json").exists(),  # iteration 2's search
+        lambda: _genes_built(run.manifest_path(1)) >= 3,  # mid supernet build
+        lambda: run.state_path(1).exists(),  # mid generation 2 of iteration 1
+        lambda: _lines(run.history_path(1)) >= 2,  # late in iteration 1
+        lambda: _genes_built(run.manifest_path(2)) >= 1,  # iteration 2's build
+        lambda: run.state_path(2).exists(),  # iteration 2's search
     ]
     kills = sum(_run_and_kill(cmd, point) for point in kill_points)
     assert kills >= 3, "the run finished before most kill points; make the schedule longer"
     subprocess.run(cmd, env=_env(), check=True, capture_output=True)
 
     assert _final(out) == _final(reference)
-    history = [json.loads(line) for line in (it1 / "search" / "history.jsonl").read_text().splitlines()]
+    history = run.read_history(1)
     assert [h["generation"] for h in history] == list(range(1, len(history) + 1))

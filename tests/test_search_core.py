@@ -373,7 +373,7 @@ def test_different_seed_differs(tmp_path):
 def test_identity_mismatch_and_corrupt_state(tmp_path):
     _run(tmp_path, stop_after=2)
     path = tmp_path / "state.json"
-    with pytest.raises(TyrError, match="config_hash.*--force"):
+    with pytest.raises(TyrError, match="config_hash.*delete .* to redo this search"):
         load_state(path, {**IDENTITY, "config_hash": "other"})
     with pytest.raises(TyrError, match="config_hash"):
         _run(tmp_path, identity={**IDENTITY, "config_hash": "other"})

@@ -15,7 +15,9 @@ def test_unit_rows_keeps_unit_order():
 
 
 def test_attention_slices_follow_kv_groups():
-    units = UnitLayout.attention(num_heads=6, num_kv_heads=2, head_dim=2)  # KV head 0: q 0-2, KV head 1: q 3-5
+    units = UnitLayout.attention(
+        num_heads=6, num_kv_heads=2, head_dim=2
+    )  # KV head 0: q 0-2, KV head 1: q 3-5
     kept = [1, 2, 5]
     assert units.kept_kv_heads(kept) == [0, 1]
     assert units.kv_index(kept) == [0, 0, 1]
@@ -26,7 +28,18 @@ def test_attention_slices_follow_kv_groups():
     # KV head 0 empties when its three query heads go: its k/v rows go with it
     assert units.kept_kv_heads([4]) == [1] and units.kv_rows([4]).tolist() == [2, 3]
     dropped = units.dropped_rows([4])
-    assert dropped["k_proj"].tolist() == [0, 1] and dropped["q_proj"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
+    assert dropped["k_proj"].tolist() == [0, 1] and dropped["q_proj"].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        10,
+        11,
+    ]
     assert "o_proj" not in dropped  # output projections lose columns, not rows
 
 

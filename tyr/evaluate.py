@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tyr.errors import TyrError
+from tyr.logs import progress_bars
 
 if TYPE_CHECKING:  # torch loads on first use: `tyr --help` stays fast
     import torch
@@ -71,6 +72,16 @@ def evaluate(
         raise TyrError(f"--tasks needs lm-evaluation-harness, which is not installed: {LM_EVAL_INSTALL}")
     if seq_len is not None and seq_len < 2:
         raise TyrError(f"--seq-len must be at least 2, got {seq_len}")
+    for flag, value, minimum in (
+        ("--num-sequences", num_sequences, 1),
+        ("--topk", topk, 1),
+        ("--batch-size", batch_size, 1),
+        ("--num-fewshot", num_fewshot, 0),
+    ):
+        if value is not None and value < minimum:
+            raise TyrError(f"{flag} must be at least {minimum}, got {value}")
+    if limit is not None and not (0 < limit < float("inf")):
+        raise TyrError(f"--limit must be a positive number (a count, or a fraction < 1), got {limit}")
     with ExitStack() as stack:
         loaded = _load(target, base, device, dtype, stack)
         d = loaded.defaults
@@ -178,13 +189,16 @@ def _load_run(path: Path, base: str | None, dev: torch.device, dtype: str, stack
     )
     model = load_pruned(folder, device=dev)
     cfg = final.config
+    # What the run's final metrics were measured on (recorded in metrics.json: evaluation settings are not
+    # part of a run's identity), else the run's config (runs of an older Tyr).
+    recorded = (final.metrics or {}).get("evaluation") or {}
     defaults = {
-        "data": cfg.data.eval,
-        "data_config": cfg.data.eval_config,
-        "split": cfg.data.eval_split,
-        "text_field": cfg.data.text_field,
-        "seq_len": cfg.data.seq_len,
-        "num_sequences": cfg.data.num_eval_sequences,
+        "data": recorded.get("data", cfg.data.eval),
+        "data_config": recorded.get("config", cfg.data.eval_config),
+        "split": recorded.get("split", cfg.data.eval_split),
+        "text_field": recorded.get("text_field", cfg.data.text_field),
+        "seq_len": recorded.get("seq_len", cfg.data.seq_len),
+        "num_sequences": recorded.get("num_sequences", cfg.data.num_eval_sequences),
         "topk": cfg.search.topk,
     }
     if base is not None:
@@ -309,7 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks=tasks,
         num_fewshot=args.num_fewshot,
         limit=args.limit,
-        progress=not args.quiet and not args.json,
+        progress=progress_bars(args.quiet) and not args.json,
     )
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     sys.stdout.flush()
@@ -346,6 +360,5 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, help="few-shot examples for --tasks")
     p.add_argument("--limit", type=float, help="examples per task for --tasks (a count, or a fraction < 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval)  # --quiet and the other output options: tyr.cli adds them to every command
     return p

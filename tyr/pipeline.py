@@ -5,16 +5,26 @@ Reads as a list of named steps; the algorithms live in `supernet/`, `search/` an
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tyr.config import RunConfig, dump_yaml, identity_dict
-from tyr.data import TextSource, calibration_tokens
+from tyr.data import TextSource, calibration_tokens, evaluation_tokens
 from tyr.errors import TyrError
 from tyr.io import sha256_json, sha256_tensor
-from tyr.models import ResolvedModel, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from tyr.model_hash import folder_sha256, local_folder
+from tyr.models import (
+    ResolvedModel,
+    cache_dir,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
 from tyr.rundir import RunDir
 from tyr.supernet.builder import BuildPlan, BuildReport, build_supernet
 from tyr.supernet.families import ModelAdapter, adapter_for
@@ -22,6 +32,8 @@ from tyr.supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_u
 from tyr.supernet.pruner import PrunerOptions
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.variant import genes_of
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,28 +50,51 @@ class Session:
     # The run's identity as stored in RUN/config.yaml (fingerprints hash it, so that a setting added to Tyr
     # later does not change the fingerprints of existing runs); the current config's when there is no run.
     identity: dict = field(default_factory=dict)
+    # Held-out tokens for the final metrics (data.eval), loaded up front by `open_run` so that a wrong
+    # --eval-data fails before the search, not after it; None when not loaded.
+    eval_tokens: torch.Tensor | None = None  # (num_eval_sequences, seq_len) int64
 
     def __post_init__(self) -> None:
         if not self.identity:
             self.identity = identity_dict(self.cfg)
 
 
-def open_run(cfg: RunConfig, out: str | Path, force: bool, progress: bool = True) -> tuple[RunDir, Session]:
-    """Open RUN/ for `cfg` (new, resumed, or replaced with `force`) and load what the run works on.
+def open_run(
+    cfg: RunConfig, run: RunDir, force: bool, progress: bool = True, with_eval: bool = True
+) -> tuple[RunDir, Session]:
+    """Open the locked `run` (`RunDir.lock()`) for `cfg` (new, resumed, or replaced with `force`) and load
+    what the run works on.
 
     Checks come first and nothing is written before the model and the data have loaded: a typo in a path
     never costs an existing run. A RUN holding a different config is refused unless `force`, and `force`
     replaces only a folder Tyr wrote.
     """
-    run = RunDir(out)
     identity = dump_yaml(cfg)
     model_path = Path(cfg.model.name).expanduser()
     protect = (model_path,) if model_path.exists() else ()
     action = run.check_open(identity, force, protect)
     session = open_session(cfg, progress=progress)
+    if with_eval:
+        session.eval_tokens = held_out_tokens(cfg, session.tokenizer)
     run.open(identity, action)
+    run.check_inputs({"model_weights_sha256": base_weights_sha256(session.resolved)})
     session.identity = run.read_config()
     return run, session
+
+
+def held_out_tokens(cfg: RunConfig, tokenizer) -> torch.Tensor:
+    """The held-out evaluation windows of `data.eval` (every full window, or the first num_eval_sequences)."""
+    source = TextSource(cfg.data.eval, cfg.data.eval_config, cfg.data.eval_split, cfg.data.text_field)
+    return evaluation_tokens(source, tokenizer, cfg.data.seq_len, cfg.data.num_eval_sequences)
+
+
+def base_weights_sha256(resolved: ResolvedModel) -> str | None:
+    """Content hash of the base model's weights (cached per file; None, with a warning, when unknown)."""
+    folder = local_folder(resolved.path)
+    digest = folder_sha256(folder, cache_dir()) if folder is not None else None
+    if digest is None:
+        logger.warning("cannot hash the weights of %s: changes to them will not be detected", resolved.source)
+    return digest
 
 
 def open_session(cfg: RunConfig, progress: bool = True) -> Session:
@@ -79,6 +114,7 @@ def open_session(cfg: RunConfig, progress: bool = True) -> Session:
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len is not None and cfg.data.seq_len > max_len:
         raise TyrError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {max_len} positions")
+    cfg.validate_for_model({kind: adapter.num_units(kind) for kind in ("attn", "mlp")}, adapter.num_layers)
     tokenizer = load_tokenizer(resolved)
     source = TextSource(
         cfg.data.calibration, cfg.data.calibration_config, cfg.data.calibration_split, cfg.data.text_field
@@ -208,41 +244,25 @@ def max_module_params(adapter: ModelAdapter, kind: str, num_kept: int) -> int:
     if kind == "mlp":
         return adapter.mlp_params(num_kept)
     # Round-robin over KV groups keeps min(num_kept, num_kv_heads) KV heads: the most any choice can keep.
-    order = [g * adapter.group + j for j in range(adapter.group) for g in range(adapter.num_kv_heads)]
+    units = adapter.units("attn")
+    order = [
+        kv * units.heads_per_kv + j for j in range(units.heads_per_kv) for kv in range(units.num_kv_heads)
+    ]
     return adapter.attention_params(order[:num_kept])
 
 
 def architecture(session: Session, store: SupernetStore, genome: tuple[int, ...], target: float) -> dict:
-    """`architecture.json` (schema in DESIGN.md) for `genome` on `store`, with exact parameter counts."""
+    """`architecture.json` (schema in DESIGN.md) for `genome` on `store`, with exact parameter counts.
+
+    Computed by the export's code (`tyr.export.architecture`) from the manifest alone: a level's recorded
+    parameter count exceeds its units' count exactly when its variant adds an output bias (FLAP).
+    """
+    from tyr.export.architecture import compute_architecture, genome_shapes
+
     adapter = session.adapter
     genes = genes_of(adapter.num_layers)
     entries = [store.level_entry(g, lv) for g, lv in zip(genes, genome, strict=True)]
-    layers = []
-    for i in range(adapter.num_layers):
-        attn, mlp = entries[2 * i], entries[2 * i + 1]
-        layers.append(
-            {
-                "index": i,
-                "attention": {
-                    "kept_heads": list(attn.kept),
-                    "kept_kv_heads": adapter.kept_kv_heads(attn.kept),
-                },
-                "mlp": {"kept_channels_count": len(mlp.kept), "kept_channels": list(mlp.kept)},
-            }
-        )
-    dense = sum(p.numel() for p in session.model.parameters())
-    prunable_dense = adapter.dense_prunable_params()
-    prunable_pruned = sum(e.params for e in entries)
-    return {
-        "base_model": session.resolved.source,
-        "model_type": adapter.model_type,
-        "target_sparsity": target,
-        "achieved_sparsity": 1.0 - prunable_pruned / prunable_dense,
-        "params": {
-            "dense": dense,
-            "pruned": dense - prunable_dense + prunable_pruned,
-            "prunable_dense": prunable_dense,
-            "prunable_pruned": prunable_pruned,
-        },
-        "layers": layers,
-    }
+    kept = [e.kept for e in entries]
+    adds_bias = [e.params > adapter.module_params(g.kind, e.kept) for g, e in zip(genes, entries)]
+    shapes = genome_shapes(adapter, kept, adds_bias)
+    return compute_architecture(session.model, adapter, shapes, session.resolved.source, target)

@@ -13,10 +13,19 @@ from pathlib import Path
 
 from tyr.errors import TyrError
 from tyr.io import atomic_write_bytes, atomic_write_text
-from tyr.rundir import RunDir
-from tyr.status import criterion_of, format_kl, is_one_shot, method_of, planned_generations
+from tyr.rundir import RunDir, check_folder_link
+from tyr.status import (
+    criterion_of,
+    format_kl,
+    is_one_shot,
+    method_of,
+    planned_generations,
+    section,
+    unreadable,
+)
 
 KINDS = ("attn", "mlp")
+STAMP = "<!-- written by tyr report -->"  # report.md's first line: what `tyr report --out` may overwrite
 
 
 @dataclass
@@ -89,8 +98,16 @@ class Allocation:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write OUT/report.md and OUT/plots/*.png for `run_dir` (OUT defaults to the run directory)."""
     _require_matplotlib()  # fail before writing anything
-    files = load_run(Path(run_dir))
+    try:
+        return _write_report(Path(run_dir), out)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise unreadable(RunDir(run_dir), e) from None
+
+
+def _write_report(run_dir: Path, out: str | Path | None) -> Path:
+    files = load_run(run_dir)
     out_dir = Path(out) if out is not None else files.run.path
+    _check_output(out_dir, files.run)
     alloc = allocation(files)
     plots: dict[str, str] = {}
     if alloc is not None:
@@ -103,6 +120,23 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = out_dir / "report.md"
     atomic_write_text(path, render_markdown(files, alloc, plots))
     return path
+
+
+def _check_output(out_dir: Path, run: RunDir) -> None:
+    """Overwrite only what `tyr report` wrote: a report.md it stamped, plots/ beside it, never a linked plots/
+    folder that points at someone else's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TyrError(f"--out {out_dir} is a file, not a folder")
+    check_folder_link(out_dir / "plots")
+    if out_dir.resolve() == run.path.resolve():
+        return  # the run's own report (reports of older Tyr versions carry no stamp)
+    report = out_dir / "report.md"
+    stamped = report.is_file() and report.read_text(errors="replace").startswith(STAMP)
+    foreign = (report, out_dir / "plots" / "allocation.png", out_dir / "plots" / "fitness.png")
+    if not stamped and any(p.exists() for p in foreign):
+        raise TyrError(
+            f"{out_dir} already holds a report.md or plots that `tyr report` did not write; choose another --out"
+        )
 
 
 def _require_matplotlib() -> None:
@@ -318,6 +352,7 @@ def _png(fig) -> bytes:
 def render_markdown(files: RunFiles, alloc: Allocation | None, plots: dict[str, str]) -> str:
     """The whole report.md, section by section."""
     sections = [
+        STAMP + "\n"
         f"# Tyr run report: `{files.run.path.name or files.run.path}`\n\n"
         + (
             "Run finished."
@@ -341,11 +376,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _summary(files: RunFiles) -> str:
     cfg, arch = files.config, files.architecture or {}
-    data = cfg.get("data", {})
+    data = section(cfg, "data")
     model_type = f" ({arch['model_type']})" if "model_type" in arch else ""
     achieved = arch.get("achieved_sparsity", (files.metrics or {}).get("achieved_sparsity"))
     rows = [
-        ["model", f"`{arch.get('base_model', cfg.get('model', {}).get('name'))}`" + model_type],
+        ["model", f"`{arch.get('base_model', section(cfg, 'model').get('name'))}`" + model_type],
         ["target sparsity", f"{cfg.get('sparsity')}"],
         ["achieved sparsity (prunable parameters)", "n/a" if achieved is None else f"{achieved:.4f}"],
         ["method", (files.metrics or {}).get("method", method_of(cfg))],

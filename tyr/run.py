@@ -7,13 +7,13 @@ and ends with the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tyr import methods, pipeline
 from tyr.config import RunConfig
-from tyr.data import TextSource, evaluation_tokens
 from tyr.errors import TyrError
 from tyr.evaluators.kl import sparse_kl
 from tyr.evaluators.perplexity import perplexity
@@ -26,6 +26,8 @@ from tyr.search.space import Budget, GeneLadder, SearchSpace
 from tyr.supernet.criteria import CRITERIA
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.variant import genes_of
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,8 +42,16 @@ class IterationResult:
 def run(
     cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True, verbose: bool = False
 ) -> dict:
-    """The whole pipeline; returns the final metrics (also written to RUN/final/metrics.json)."""
-    run_dir, session = pipeline.open_run(cfg, out, force, progress)
+    """The whole pipeline; returns the final metrics (also written to RUN/final/metrics.json).
+
+    The run directory is locked for the whole command: a second `tyr run` on it fails at once.
+    """
+    with RunDir(out).lock() as locked:
+        return _run(cfg, locked, force, progress, verbose)
+
+
+def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: bool) -> dict:
+    run_dir, session = pipeline.open_run(cfg, locked, force, progress)
     targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress)
     make_evaluator, close_backend = fitness_backend(session, targets, run_dir, progress, verbose)
     centres = pipeline.uniform_centres(session.adapter, cfg)
@@ -100,11 +110,13 @@ def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress:
     """Dense top-K logits of the calibration set, computed once per run."""
     tokens_sha = sha256_tensor(session.calibration)
     if (directory / "meta.json").is_file():
-        targets = TeacherTargets.open(directory)
+        # Resuming: the stored sha256 is checked once per command (reads the whole file, ~5 min for the
+        # 206 GB of the paper setting), so overwritten targets are never searched on silently.
+        targets = TeacherTargets.open(directory, verify=True)
         if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
             return targets
         raise TyrError(f"{directory} holds teacher targets for other data; delete it or use --force")
-    _log(
+    logger.info(
         f"teacher: top-{session.cfg.search.topk} logits of {tuple(session.calibration.shape)} calibration tokens"
     )
     return compute_and_save_teacher_targets(
@@ -129,12 +141,12 @@ def run_iteration(
 ) -> IterationResult:
     """Build the supernet around `centres` with this iteration's step, then let the method choose."""
     if run_dir.result_path(iteration).is_file():
-        return _read_result(run_dir, iteration)
-    _log(f"iteration {iteration}: building the supernet")
+        return _read_result(run_dir, iteration, session.adapter.num_layers)
+    logger.info(f"iteration {iteration}: building the supernet")
     store, report = pipeline.build_iteration_supernet(
         session, run_dir.supernet_dir(iteration), centres, iteration, progress=progress
     )
-    _log(
+    logger.info(
         f"iteration {iteration}: supernet ready ({report.genes_built} genes built, {report.genes_reused} reused, "
         f"{report.seconds:.0f} s)"
     )
@@ -147,7 +159,7 @@ def run_iteration(
         iteration=iteration,
         make_evaluator=make_evaluator,
         evolution_config=lambda generations: evolution_config(cfg, generations),
-        log=_log,
+        log=logger.info,
     )
     allocation = methods.method(cfg.search.method).allocate(context)
     return _save_result(session, store, run_dir, iteration, allocation)
@@ -180,19 +192,26 @@ def _save_result(
     return IterationResult(iteration, genome, allocation.fitness, chosen, session.cfg.search.method)
 
 
-def _read_result(run_dir: RunDir, iteration: int) -> IterationResult:
+def _read_result(run_dir: RunDir, iteration: int, num_layers: int) -> IterationResult:
     path = run_dir.result_path(iteration)
     data = run_dir.read_result(iteration)
     try:
-        return IterationResult(
-            data["iteration"],
-            tuple(data["genome"]),
+        result = IterationResult(
+            int(data["iteration"]),
+            tuple(int(v) for v in data["genome"]),
             data["fitness"],
-            list(data["centres"]),
+            [int(c) for c in data["centres"]],
             data.get("method"),
         )
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, ValueError) as e:
         raise TyrError(f"{path} is corrupt ({e}); delete it to redo that iteration's search") from None
+    genes = len(genes_of(num_layers))
+    if len(result.genome) != genes or len(result.centres) != genes or result.iteration != iteration:
+        raise TyrError(
+            f"{path} is corrupt (it describes {len(result.genome)} genes of iteration {result.iteration}, the "
+            f"model has {genes}); delete it to redo that iteration's search"
+        )
+    return result
 
 
 def search_space(session: pipeline.Session, store: SupernetStore) -> SearchSpace:
@@ -250,21 +269,86 @@ def evolution_config(cfg: RunConfig, num_generations: int) -> EvolutionConfig:
 
 
 def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult, progress: bool) -> dict:
-    """Record the chosen result, re-apply its genome, measure dense / uniform / searched, write final/."""
-    cfg = session.cfg
-    if run_dir.is_finished():
-        _log(f"{run_dir.path} is finished; final metrics in {run_dir.metrics_path}")
-        return run_dir.read_metrics()
-    selection = Selection(result.iteration, result.genome, result.fitness, result.method)
-    run_dir.write_selection(selection)  # first: export and eval find the final genome through it
-    last = SupernetStore.open(run_dir.supernet_dir(selection.iteration))
-    first = SupernetStore.open(run_dir.supernet_dir(1))
-    architecture = pipeline.architecture(session, last, selection.genome, cfg.sparsity)
-    atomic_write_json(run_dir.architecture_path, architecture)
+    """Record the chosen result, check the supernets it needs, measure dense / uniform / searched, write final/.
 
-    source = TextSource(cfg.data.eval, cfg.data.eval_config, cfg.data.eval_split, cfg.data.text_field)
-    eval_tokens = evaluation_tokens(source, session.tokenizer, cfg.data.seq_len, cfg.data.num_eval_sequences)
-    _log(
+    A finished run is measured again only when its held-out data changed (evaluation is not run identity).
+    """
+    selection = Selection(result.iteration, result.genome, result.fitness, result.method)
+    last = verified_supernet(session, run_dir, selection.iteration, progress)
+    first = last if selection.iteration == 1 else verified_supernet(session, run_dir, 1, progress)
+    evaluation = evaluation_record(session)
+    metrics = run_dir.read_metrics()
+    if metrics is not None and metrics.get("evaluation", evaluation) == evaluation:
+        logger.info(f"{run_dir.path} is finished; final metrics in {run_dir.metrics_path}")
+        return metrics
+    run_dir.write_selection(selection)  # first: export and eval find the final genome through it
+    architecture = pipeline.architecture(session, last, selection.genome, session.cfg.sparsity)
+    atomic_write_json(run_dir.architecture_path, architecture)
+    metrics = measure(session, first, last, selection.genome)
+    metrics["evaluations"] = run_dir.evaluations(run_dir.finished_iterations())
+    metrics["evaluation"] = evaluation
+    metrics["achieved_sparsity"] = architecture["achieved_sparsity"]
+    atomic_write_json(run_dir.metrics_path, metrics)
+    logger.info(
+        f"perplexity on {session.cfg.data.eval}: dense {metrics['dense']['ppl']:.2f}, "
+        f"uniform {metrics['uniform']['ppl']:.2f}, searched {metrics['searched']['ppl']:.2f} "
+        f"(sparsity {architecture['achieved_sparsity']:.3f})"
+    )
+    return metrics
+
+
+def verified_supernet(
+    session: pipeline.Session, run_dir: RunDir, iteration: int, progress: bool
+) -> SupernetStore:
+    """A finished iteration's supernet with every variant file checked against its sha256 (once per command).
+
+    A damaged one (a file changed or missing, an unreadable manifest) is rebuilt from the dense model around
+    the same centres; the build is deterministic, so the iteration's result still describes it.
+    """
+    directory = run_dir.supernet_dir(iteration)
+    try:
+        store = SupernetStore.open(directory)
+        store.verify()
+        return store
+    except TyrError as e:
+        logger.warning(f"iteration {iteration}'s supernet is damaged ({e}); rebuilding it")
+    if run_dir.read_manifest(iteration) is None:
+        run_dir.manifest_path(iteration).unlink(missing_ok=True)  # unreadable: rebuild every gene
+    store, _ = pipeline.build_iteration_supernet(
+        session, directory, _centres_of(session, run_dir, iteration), iteration, progress=progress
+    )
+    return store
+
+
+def _centres_of(session: pipeline.Session, run_dir: RunDir, iteration: int) -> list[int]:
+    """The centres iteration `iteration` was built around: the target's, or the previous result's."""
+    if iteration == 1:
+        return pipeline.uniform_centres(session.adapter, session.cfg)
+    return _read_result(run_dir, iteration - 1, session.adapter.num_layers).centres
+
+
+def evaluation_record(session: pipeline.Session) -> dict:
+    """What the final metrics are measured on (recorded in metrics.json; not part of the run's identity)."""
+    data = session.cfg.data
+    tokens = session.eval_tokens
+    return {
+        "data": data.eval,
+        "config": data.eval_config,
+        "split": data.eval_split,
+        "text_field": data.text_field,
+        "seq_len": data.seq_len,
+        "num_sequences": data.num_eval_sequences,
+        "num_tokens": int(tokens.numel()),
+        "tokens_sha256": sha256_tensor(tokens),
+    }
+
+
+def measure(
+    session: pipeline.Session, first: SupernetStore, last: SupernetStore, genome: tuple[int, ...]
+) -> dict:
+    """Held-out perplexity and top-K KL to the dense model: dense, uniform (iteration 1's centre), searched."""
+    cfg, eval_tokens = session.cfg, session.eval_tokens
+    logger.info(
         f"evaluating dense / uniform / searched on {tuple(eval_tokens.shape)} held-out tokens ({cfg.data.eval})"
     )
     bs = cfg.search.batch_size
@@ -272,14 +356,14 @@ def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult
     metrics = {
         "method": cfg.search.method,
         "criterion": cfg.supernet.criterion,
-        "evaluations": run_dir.evaluations(run_dir.finished_iterations()),
         "eval_data": cfg.data.eval,
         "eval_tokens": int(eval_tokens.numel()),
         "topk": cfg.search.topk,
         "dense": {"ppl": perplexity(session.model, eval_tokens, batch_size=bs), "kl": 0.0},
     }
-    uniform = tuple(0 for _ in genes_of(session.adapter.num_layers))
-    for name, store, genome in (("uniform", first, uniform), ("searched", last, selection.genome)):
+    genes = genes_of(session.adapter.num_layers)
+    uniform = tuple(0 for _ in genes)
+    for name, store, chosen in (("uniform", first, uniform), ("searched", last, genome)):
         evaluator = SerialEvaluator(
             session.model,
             session.adapter,
@@ -289,26 +373,13 @@ def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult
             mode=cfg.search.realisation,
             batch_size=bs,
         )
-        evaluator.apply(genome)  # the chosen genome is re-applied before any final number is computed
+        evaluator.apply(chosen)  # the chosen genome is re-applied before any final number is computed
         metrics[name] = {
             "ppl": perplexity(session.model, eval_tokens, batch_size=bs),
             "kl": sparse_kl(session.model, eval_tokens, values, indices, batch_size=bs),
             "prunable_params": sum(
-                e.params
-                for e in (
-                    store.level_entry(g, lv) for g, lv in zip(genes_of(session.adapter.num_layers), genome)
-                )
+                store.level_entry(g, lv).params for g, lv in zip(genes, chosen, strict=True)
             ),
         }
         evaluator.close()
-    metrics["achieved_sparsity"] = architecture["achieved_sparsity"]
-    atomic_write_json(run_dir.metrics_path, metrics)
-    _log(
-        f"perplexity on {cfg.data.eval}: dense {metrics['dense']['ppl']:.2f}, uniform {metrics['uniform']['ppl']:.2f}, "
-        f"searched {metrics['searched']['ppl']:.2f} (sparsity {architecture['achieved_sparsity']:.3f})"
-    )
     return metrics
-
-
-def _log(message: str) -> None:
-    print(f"[tyr] {message}", flush=True)

@@ -20,8 +20,13 @@ written by another Tyr version as plain data. Writers are atomic (`tyr.io`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,11 @@ from tyr.errors import TyrError
 from tyr.io import atomic_write_json, atomic_write_text, sha256_text
 
 MARKER = ".tyr-run"
+LOCK = ".lock"
 MARKER_FORMAT = 1
 CONFIG = "config.yaml"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,17 @@ class RunDir:
         return self.path / MARKER
 
     @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
+    @property
     def config_path(self) -> Path:
         return self.path / CONFIG
+
+    @property
+    def inputs_path(self) -> Path:
+        """What the run's inputs were by content (the base model's weight hash): checked on resume."""
+        return self.path / "inputs.json"
 
     @property
     def teacher_dir(self) -> Path:
@@ -183,22 +200,22 @@ class RunDir:
         return config_from_stored(self.read_config(), where=str(self.config_path))
 
     def read_result(self, iteration: int) -> dict | None:
-        return read_json(self.result_path(iteration))
+        return read_json_object(self.result_path(iteration))
 
     def read_state(self, iteration: int) -> dict | None:
-        return read_json(self.state_path(iteration))
+        return read_json_object(self.state_path(iteration))
 
     def read_history(self, iteration: int) -> list[dict]:
         return read_history(self.history_path(iteration))
 
     def read_manifest(self, iteration: int) -> dict | None:
-        return read_json(self.manifest_path(iteration))
+        return read_json_object(self.manifest_path(iteration))
 
     def read_architecture(self) -> dict | None:
-        return read_json(self.architecture_path)
+        return read_json_object(self.architecture_path)
 
     def read_metrics(self) -> dict | None:
-        return read_json(self.metrics_path)
+        return read_json_object(self.metrics_path)
 
     def history_evaluations(self, iteration: int) -> int:
         """Fitness evaluations recorded in an iteration's search history."""
@@ -211,7 +228,7 @@ class RunDir:
     def selection(self) -> Selection:
         """The final model's genome and iteration: final/selection.json, or (runs of an older Tyr) the last
         finished iteration's result. TyrError when neither exists."""
-        data = read_json(self.selection_path)
+        data = read_json_object(self.selection_path)
         source = self.selection_path
         if data is None:
             finished = self.finished_iterations()
@@ -220,7 +237,7 @@ class RunDir:
                     f"the run in {self.path} has no finished iteration; re-run the same `tyr run` command"
                 )
             source = self.result_path(finished[-1])
-            data = read_json(source)
+            data = read_json_object(source) or {}
         try:
             return Selection(
                 int(data["iteration"]),
@@ -233,6 +250,67 @@ class RunDir:
                 f"{source} is corrupt (no iteration/genome); delete it and re-run `tyr run`"
             ) from None
 
+    # ---- exclusive use ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[RunDir]:
+        """Hold RUN/.lock (flock, exclusive) for a command that writes the run; released when the command
+        ends or its process dies. A second process gets TyrError at once. Needs a filesystem with working
+        flock (local disks, NFSv4, Lustre/GPFS with flock enabled).
+
+        A folder this call created and nothing else wrote into (e.g. the model failed to load) is removed again.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise TyrError(f"--out {self.path} is a file, not a folder; choose another --out")
+        created = not self.path.exists()
+        created_lock = created or not self.lock_path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise TyrError(f"cannot create the run directory {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TyrError(
+                f"{self.path} is in use by another Tyr process (pid {holder}); wait for it to finish, or stop it "
+                "and re-run this command to resume"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise TyrError(
+                f"cannot lock {self.lock_path} ({e.strerror or e}): Tyr needs a filesystem with working flock "
+                "for its run directories"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            self.sweep_temporary_files()
+            yield self
+        finally:
+            if created_lock and not self.marker_path.is_file():  # refused before the run was opened:
+                self.lock_path.unlink(missing_ok=True)  # leave a folder that is not Tyr's as it was
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            if created and not any(self.path.iterdir()):
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+
+    def sweep_temporary_files(self) -> list[Path]:
+        """Remove what killed writers left behind: `.<name>.*.tmp` files of atomic writes (a killed teacher
+        pass leaves one as large as the targets). Only under the lock: no live writer can own them."""
+        swept = []
+        for path in self.path.rglob(".*.tmp"):
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                swept.append(path)
+        if swept:
+            logger.warning(
+                "removed %d temporary file(s) left by an interrupted run in %s", len(swept), self.path
+            )
+        return swept
+
     # ---- opening for `tyr run` / `tyr build` ------------------------------------------------------------------
     def check_open(self, identity_text: str, force: bool, protect: tuple[Path, ...] = ()) -> str:
         """What opening this folder for a run with config `identity_text` would do: "new", "resume" or
@@ -243,7 +321,7 @@ class RunDir:
         """
         if self.path.exists() and not self.path.is_dir():
             raise TyrError(f"--out {self.path} is a file, not a folder; choose another --out")
-        if not self.path.is_dir() or not any(self.path.iterdir()):
+        if not self.path.is_dir() or not self._children():
             return "new"
         if self.config_path.is_file():
             difference = config_difference(self.read_config(), identity_text)
@@ -264,28 +342,71 @@ class RunDir:
 
     def _check_replaceable(self, protect: tuple[Path, ...]) -> None:
         here = self.path.resolve()
-        guarded = [Path("/"), Path.home(), Path.cwd(), *(Path(p) for p in protect)]
-        for other in guarded:
+        guarded = [
+            (Path("/"), "the filesystem root"),
+            (Path.home(), "your home folder"),
+            (Path.cwd(), "the working directory"),
+            *((Path(p), "the model folder") for p in protect),
+        ]
+        for other, what in guarded:
             other = other.resolve()
             if here == other or here in other.parents:
-                raise TyrError(f"--force would delete {here}, which holds {other}; choose another --out")
+                holds = "is" if here == other else "holds"
+                raise TyrError(
+                    f"--force would delete {here}, which {holds} {what} ({other}); choose another --out"
+                )
         if (self.path / "config.json").exists() or not self.is_tyr_folder():
             raise TyrError(
                 f"{self.path} was not written by Tyr (no {MARKER} marker); --force only replaces Tyr run "
                 "directories. Choose another --out, or remove the folder yourself"
             )
 
-    def open(self, identity_text: str, action: str) -> None:
-        """Carry out `check_open`'s answer: remove a replaced run, then write config.yaml and the marker."""
-        if action == "replace":
-            import shutil
+    def _children(self) -> list[Path]:
+        """What the folder holds besides the lock file."""
+        return [p for p in self.path.iterdir() if p.name != LOCK]
 
-            shutil.rmtree(self.path)
+    def open(self, identity_text: str, action: str) -> None:
+        """Carry out `check_open`'s answer: empty a replaced run (the lock file stays: it is held), then write
+        config.yaml and the marker, and check sub-folders that are symlinks."""
+        if action == "replace":
+            for child in self._children():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
+        self.check_linked_folders()
         if action != "resume":
             self.write_config(identity_text)
         if not self.marker_path.is_file():
             self.write_marker()
+
+    def check_linked_folders(self) -> None:
+        """Sub-folders that are symlinks (teacher/ or iter-N/ put on a bigger disk, ...) must point to an empty
+        folder or one Tyr marked; anything else would let a run overwrite files elsewhere."""
+        for child in self._children():
+            check_folder_link(child)
+            if child.is_dir() and child.name.startswith("iter-"):
+                for grandchild in child.iterdir():
+                    check_folder_link(grandchild)
+
+    def check_inputs(self, inputs: dict) -> None:
+        """Record `inputs` (content hashes) on the first command; later commands must see the same ones.
+
+        A value of None (could not be computed) is neither recorded over an old one nor compared."""
+        stored = read_json(self.inputs_path)
+        stored = stored if isinstance(stored, dict) else {}
+        for key, value in inputs.items():
+            old = stored.get(key)
+            if value is not None and old is not None and old != value:
+                raise TyrError(
+                    f"{key} differs from when the run in {self.path} began ({old[:12]}… then, {value[:12]}… now): "
+                    "its teacher targets and supernets came from the old inputs. Restore them, or start a new "
+                    "run (another --out, or --force to discard this one)"
+                )
+        merged = {**stored, **{k: v for k, v in inputs.items() if v is not None}}
+        if merged != stored:
+            atomic_write_json(self.inputs_path, merged)
 
     # ---- writing -------------------------------------------------------------------------------------------
     def write_marker(self) -> None:
@@ -309,6 +430,23 @@ class RunDir:
                 "method": selection.method,
             },
         )
+
+
+def check_folder_link(path: Path) -> None:
+    """Tyr writes through a symlinked folder only when its target is empty (then marked) or Tyr-marked."""
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if not target.is_dir():
+        raise TyrError(f"{path} is a symlink to {target}, which is not a folder; remove the link")
+    if (target / MARKER).is_file():
+        return
+    if any(target.iterdir()):
+        raise TyrError(
+            f"{path} links to {target}, which holds files Tyr did not write; Tyr writes through a linked "
+            "folder only when it is empty or was written by Tyr. Point the link at an empty folder"
+        )
+    atomic_write_json(target / MARKER, {"format": MARKER_FORMAT, "linked_from": str(path.absolute())})
 
 
 def config_difference(stored: dict, identity_text: str) -> str | None:
@@ -345,6 +483,12 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
+    data = read_json(path)
+    return data if isinstance(data, dict) else None
 
 
 def read_history(path: Path) -> list[dict]:

@@ -11,21 +11,39 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tyr.errors import TyrError
 from tyr.methods import is_one_shot as _method_is_one_shot
 from tyr.rundir import RunDir
 
 
+def section(cfg: dict, name: str) -> dict:
+    """A config section as a dict ({} when missing or malformed: a run of another Tyr still reads)."""
+    value = cfg.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 def method_of(cfg: dict) -> str:
-    return (cfg.get("search") or {}).get("method", "evolution")
+    return str(section(cfg, "search").get("method", "evolution"))
 
 
 def criterion_of(cfg: dict) -> str:
-    return (cfg.get("supernet") or {}).get("criterion", "tyr")
+    return str(section(cfg, "supernet").get("criterion", "tyr"))
 
 
 def planned_generations(cfg: dict) -> list[int]:
     """Generations per iteration as configured (one entry per iteration)."""
-    return [int(g) for g in (cfg.get("search") or {}).get("generations", [])]
+    generations = section(cfg, "search").get("generations", [])
+    if not isinstance(generations, list) or not all(isinstance(g, int) for g in generations):
+        raise TyrError(f"search.generations in the run's config.yaml is malformed: {generations!r}")
+    return generations
+
+
+def unreadable(run: RunDir, error: Exception) -> TyrError:
+    """What `tyr status`/`tyr report` say when a run's files hold values of the wrong type."""
+    return TyrError(
+        f"{run.path} holds a file with malformed values ({type(error).__name__}: {error}); it was damaged or "
+        "written by another Tyr version — re-run `tyr run` on it to rewrite the run's files"
+    )
 
 
 def is_one_shot(cfg: dict) -> bool:
@@ -72,6 +90,13 @@ class RunProgress:
 def run_progress(run_dir: str | Path) -> RunProgress:
     """Structured progress of a run directory (TyrError when it is not one)."""
     run = RunDir(run_dir)
+    try:
+        return _progress(run)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise unreadable(run, e) from None
+
+
+def _progress(run: RunDir) -> RunProgress:
     cfg = run.read_config()
     iterations = [
         _iteration_progress(run, cfg, i, total) for i, total in enumerate(planned_generations(cfg), start=1)
@@ -94,7 +119,7 @@ def run_progress(run_dir: str | Path) -> RunProgress:
     latest = current or (done[-1] if done else None)
     return RunProgress(
         run=str(run.path),
-        model=(cfg.get("model") or {}).get("name"),
+        model=section(cfg, "model").get("name"),
         sparsity=cfg.get("sparsity"),
         method=method_of(cfg),
         criterion=criterion_of(cfg),
@@ -148,7 +173,13 @@ def _iteration_progress(run: RunDir, cfg: dict, iteration: int, total: int) -> I
 def run_status(run_dir: str | Path) -> list[str]:
     """Human-readable lines describing the progress of a run directory."""
     progress = run_progress(run_dir)
-    cfg = RunDir(run_dir).read_config()
+    try:
+        return _status_lines(progress, RunDir(run_dir).read_config())
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise unreadable(RunDir(run_dir), e) from None
+
+
+def _status_lines(progress: RunProgress, cfg: dict) -> list[str]:
     lines = [
         f"run {progress.run}: {progress.model} at sparsity {progress.sparsity} "
         f"(schedule {cfg.get('schedule')}, method {progress.method}, criterion {progress.criterion})",
