@@ -295,3 +295,21 @@ def test_sigterm_stops_cleanly_with_a_message(tiny_assets, tmp_path):
     assert proc.returncode == 143, err
     assert "terminated" in err and "re-run the same command to resume" in err and "Traceback" not in err
     assert not list(out.rglob("*.tmp"))
+
+
+def test_report_escapes_strings_from_run_files(run_copy, capsys):
+    pytest.importorskip("matplotlib")
+    run = RunDir(run_copy)
+    hostile = "x | y `z` <script>alert(1)</script>\n# heading"
+    metrics = run.read_metrics()
+    metrics["eval_data"] = hostile
+    run.metrics_path.write_text(json.dumps(metrics))
+    architecture = run.read_architecture()
+    architecture["base_model"] = hostile
+    run.architecture_path.write_text(json.dumps(architecture))
+    assert main(["report", str(run_copy)]) == 0
+    text = (run_copy / "report.md").read_text()
+    assert "<script>" not in text and "\n# heading" not in text
+    summary = text.split("## Summary")[1].split("##")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert all(row.count(" | ") == 1 for row in rows)  # two cells per row: no cell was split by a '|'

@@ -12,6 +12,7 @@ from io import BytesIO
 from pathlib import Path
 
 from tyr.errors import TyrError
+from tyr.export.card import markdown_escape
 from tyr.io import atomic_write_bytes, atomic_write_text
 from tyr.rundir import RunDir, check_folder_link
 from tyr.status import (
@@ -353,7 +354,7 @@ def render_markdown(files: RunFiles, alloc: Allocation | None, plots: dict[str, 
     """The whole report.md, section by section."""
     sections = [
         STAMP + "\n"
-        f"# Tyr run report: `{files.run.path.name or files.run.path}`\n\n"
+        f"# Tyr run report: {markdown_escape(files.run.path.name or files.run.path)}\n\n"
         + (
             "Run finished."
             if files.finished
@@ -369,8 +370,9 @@ def render_markdown(files: RunFiles, alloc: Allocation | None, plots: dict[str, 
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; every cell is escaped (values come from run files, which may hold anything)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(markdown_escape(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -380,7 +382,7 @@ def _summary(files: RunFiles) -> str:
     model_type = f" ({arch['model_type']})" if "model_type" in arch else ""
     achieved = arch.get("achieved_sparsity", (files.metrics or {}).get("achieved_sparsity"))
     rows = [
-        ["model", f"`{arch.get('base_model', section(cfg, 'model').get('name'))}`" + model_type],
+        ["model", f"{arch.get('base_model', section(cfg, 'model').get('name'))}" + model_type],
         ["target sparsity", f"{cfg.get('sparsity')}"],
         ["achieved sparsity (prunable parameters)", "n/a" if achieved is None else f"{achieved:.4f}"],
         ["method", (files.metrics or {}).get("method", method_of(cfg))],
@@ -388,7 +390,7 @@ def _summary(files: RunFiles) -> str:
         ["schedule", f"{cfg.get('schedule')}"],
         [
             "calibration",
-            f"`{data.get('calibration')}`, {data.get('num_sequences')} × {data.get('seq_len')} tokens",
+            f"{data.get('calibration')}, {data.get('num_sequences')} × {data.get('seq_len')} tokens",
         ],
         ["seed", f"{cfg.get('seed')}"],
     ]
@@ -411,7 +413,7 @@ def _missing(files: RunFiles) -> str:
     items = missing_items(files)
     if not items:
         return ""
-    return "## Missing\n\n" + "\n".join(f"- {item}" for item in items)
+    return "## Missing\n\n" + "\n".join(f"- {markdown_escape(item)}" for item in items)
 
 
 def _metrics(metrics: dict | None) -> str:
@@ -427,7 +429,7 @@ def _metrics(metrics: dict | None) -> str:
             [name, _float(m.get("ppl"), 2), _float(m.get("kl"), 4), "—" if params is None else _count(params)]
         )
     header = ["model", "perplexity", f"KL to dense (top-{metrics.get('topk')})", "prunable parameters"]
-    where = f"`{metrics.get('eval_data')}`, {metrics.get('eval_tokens')} tokens"
+    where = markdown_escape(f"{metrics.get('eval_data')}, {metrics.get('eval_tokens')} tokens")
     return f"## Held-out metrics\n\nEvaluation data: {where}.\n\n" + _table(header, rows)
 
 
