@@ -14,11 +14,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import markdown_table, reference_config, timed, write_results
 from tyr import pipeline
 from tyr.evaluators.teacher import compute_and_save_teacher_targets
+from tyr.search.batch import Batch
 from tyr.search.evaluator import SerialEvaluator
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.variant import genes_of
@@ -45,7 +44,7 @@ def main() -> None:
         session.model, session.calibration[: args.sequences], 512, work / "teacher", batch_size=8
     )
     tokens = session.calibration[: args.sequences]
-    rows_idx = np.arange(args.sequences)
+    rows_idx = Batch(tuple(range(args.sequences)))
     num_tokens = tokens.numel()
     genes = genes_of(session.adapter.num_layers)
 
@@ -84,11 +83,11 @@ def main() -> None:
     print(f"wrote {write_results('fitness_throughput', results)}")
 
 
-def _dense_kl(evaluator: SerialEvaluator, rows: np.ndarray) -> float:
+def _dense_kl(evaluator: SerialEvaluator, batch: Batch) -> float:
     from tyr.evaluators.kl import sparse_kl_targets
 
     return sparse_kl_targets(
-        evaluator.model, evaluator.tokens, evaluator.targets, rows.tolist(), batch_size=8
+        evaluator.model, evaluator.tokens, evaluator.targets, list(batch.sequences), batch_size=8
     )
 
 

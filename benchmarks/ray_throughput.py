@@ -34,6 +34,7 @@ from tyr.cluster import RayEvaluator, RayWorkerPool, _Worker, connect  # noqa: E
 from tyr.evaluators.teacher import TeacherTargets  # noqa: E402
 from tyr.run import search_space  # noqa: E402
 from tyr.rundir import RunDir  # noqa: E402
+from tyr.search.batch import Batch  # noqa: E402
 from tyr.search.evaluator import SerialEvaluator  # noqa: E402
 from tyr.search.evolution import sample_offspring  # noqa: E402
 from tyr.supernet.store import SupernetStore  # noqa: E402
@@ -112,8 +113,8 @@ def measure(run_dir: Path, num_candidates: int, repeats: int, worker_counts: lis
     )
     n_first = min(-(-cfg.search.stages[0][1] // targets.seq_len), targets.num_sequences)
     batches = {
-        f"{n_first}x{targets.seq_len}": np.arange(n_first, dtype=np.int64),
-        f"{targets.num_sequences}x{targets.seq_len}": np.arange(targets.num_sequences, dtype=np.int64),
+        f"{n_first}x{targets.seq_len}": Batch(tuple(range(n_first))),
+        f"{targets.num_sequences}x{targets.seq_len}": Batch(tuple(range(targets.num_sequences))),
     }
     load_before = os.getloadavg()[0]
     result: dict = {
@@ -149,7 +150,7 @@ def measure(run_dir: Path, num_candidates: int, repeats: int, worker_counts: lis
     # no-op costs: in-process call vs one Ray round trip vs one candidate through the scheduler
     worker = _Worker({})
     payload = [list(g) for g in genomes]
-    idx_list = list(range(targets.num_sequences))
+    idx_list = Batch(tuple(range(targets.num_sequences))).to_json()
     direct = median_time(lambda: [worker.noop("", "", payload, idx_list) for _ in range(1000)], 3) / 1000
     result["overhead_s"] = {"direct_noop_call": direct}
 
@@ -183,7 +184,7 @@ def measure_ray(result, cfg, run_dir, supernet_dir, workers, genomes, batches, r
 
         actor = pool.slots[0].actor
         one = [list(genomes[0])]
-        idx_list = [int(i) for i in first]
+        idx_list = first.to_json()
         ray.get(actor.noop.remote("", "", one, idx_list))
         rtt = median_time(lambda: ray.get(actor.noop.remote("", "", one, idx_list)), 200)
         result["overhead_s"]["ray: round trip of one empty actor call"] = rtt

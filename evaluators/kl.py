@@ -174,6 +174,9 @@ def _kl_batch(base, head, ids, t_values, t_indices, logit_budget, method="auto")
     """Sum of per-token sparse KL over one batch (float32 on the device, returned as CPU float64)."""
     _check_index_range(t_indices, _vocab_size(head))
     h = hidden_states(base, ids)
+    # the targets go where the last block's output is (not always the embedding's device: a model spread
+    # over several GPUs ends elsewhere); a no-op when they are there already
+    t_values, t_indices = t_values.to(h.device), t_indices.to(h.device)
     b, t, d = h.shape
     k = t_indices.shape[-1]
     idx = t_indices.reshape(b * t, k).long()
@@ -228,10 +231,28 @@ def sparse_kl(
     with torch.inference_mode():
         for s, e in iter_batches(n, batch_size, progress, "sparse KL"):
             ids = tokens[s:e].to(device)
-            tv = teacher_values[s:e].to(device)
-            ti = teacher_indices[s:e].to(device)
+            tv = teacher_values[s:e].to(device, non_blocking=True)
+            ti = teacher_indices[s:e].to(device, non_blocking=True)
             total += _kl_batch(base, head, ids, tv, ti, logit_budget, method)
     return float(total / (n * t))
+
+
+def place_targets(
+    values: torch.Tensor, indices: torch.Tensor, device: torch.device, max_device_fraction: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a fitness call keeps the teacher rows all its candidates share (read once per call).
+
+    On a GPU: on the device when they take at most `max_device_fraction` of its free memory (moved once, not
+    once per candidate), else in pinned host memory (fast, asynchronous copies per batch). Elsewhere unchanged.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return values, indices
+    nbytes = values.numel() * values.element_size() + indices.numel() * indices.element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes <= max_device_fraction * free:
+        return values.to(device), indices.to(device)
+    return values.pin_memory(), indices.pin_memory()
 
 
 def sparse_kl_targets(
@@ -243,11 +264,14 @@ def sparse_kl_targets(
     progress: bool = False,
     logit_budget: int = DEFAULT_LOGIT_BUDGET,
     method: str = "auto",
+    num_positions: int | None = None,
 ) -> float:
     """Like `sparse_kl`, reading the teacher targets batch by batch from a stored `TeacherTargets`.
 
     `tokens` is the full calibration set the targets were computed on; `sequence_indices` selects the
-    rows to evaluate (default: all).  Only the selected rows' targets are read from disk.
+    rows to evaluate (default: all); `num_positions` scores only the first P positions of each row (a prefix
+    is a valid input under causal attention; the mean is over the prefixes' positions). Only the selected
+    rows' targets are read from disk.
     """
     base, head = base_and_head(model)
     vocab = _vocab_size(head)
@@ -262,15 +286,18 @@ def sparse_kl_targets(
     )
     if not rows:
         raise TyrError("sparse_kl_targets needs at least one sequence")
+    positions = targets.seq_len if num_positions is None else int(num_positions)
+    if not 1 <= positions <= targets.seq_len:
+        raise TyrError(f"num_positions must be in [1, {targets.seq_len}], got {num_positions}")
     device = model_device(model)
     total = torch.zeros((), dtype=torch.float64)
     with torch.inference_mode():
         for s, e in iter_batches(len(rows), batch_size, progress, "sparse KL"):
             sel = rows[s:e]
-            tv, ti = targets.get(sel)
-            ids = tokens[sel].to(device)
+            tv, ti = targets.get(sel, num_positions)
+            ids = tokens[sel, :positions].to(device)
             total += _kl_batch(base, head, ids, tv.to(device), ti.to(device), logit_budget, method)
-    return float(total / (len(rows) * targets.seq_len))
+    return float(total / (len(rows) * positions))
 
 
 def full_kl(model, tokens: torch.Tensor, teacher_logits_full: torch.Tensor, batch_size: int = 4) -> float:

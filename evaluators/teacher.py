@@ -211,6 +211,7 @@ class TeacherTargets:
         self.num_sequences = num_sequences
         self.seq_len = seq_len
         self.k = k
+        self.bytes_read = 0  # bytes of targets returned by `get` (I/O accounting)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, verify: bool = False) -> TeacherTargets:
@@ -277,19 +278,25 @@ class TeacherTargets:
                 "computed on; recompute the teacher targets"
             )
 
-    def get(self, sequence_indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values float16 (len, T, K), indices int32 (len, T, K)) for the given rows, in the given order.
+    def get(
+        self, sequence_indices: Sequence[int], num_positions: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values float16 (len, P, K), indices int32 (len, P, K)) for the given rows, in the given order.
 
-        Consecutive ascending runs are read as one slice each; nothing else of the file is loaded.
+        P = `num_positions` (the first P positions of each row; default all T). Consecutive ascending runs are
+        read as one slice each; nothing else of the file is loaded.
         """
         rows = [int(i) for i in sequence_indices]
         for i in rows:
             if not 0 <= i < self.num_sequences:
                 raise IndexError(f"sequence index {i} out of range [0, {self.num_sequences})")
+        p = self.seq_len if num_positions is None else int(num_positions)
+        if not 1 <= p <= self.seq_len:
+            raise IndexError(f"num_positions {p} out of range [1, {self.seq_len}]")
         if not rows:
             return (
-                torch.empty((0, self.seq_len, self.k), dtype=VALUES_DTYPE),
-                torch.empty((0, self.seq_len, self.k), dtype=INDICES_DTYPE),
+                torch.empty((0, p, self.k), dtype=VALUES_DTYPE),
+                torch.empty((0, p, self.k), dtype=INDICES_DTYPE),
             )
         runs: list[tuple[int, int]] = []
         start = prev = rows[0]
@@ -303,8 +310,9 @@ class TeacherTargets:
         out = []
         for name in ("values", "indices"):
             sl = self._handle.get_slice(name)
-            parts = [sl[a:b] for a, b in runs]
+            parts = [sl[a:b] if p == self.seq_len else sl[a:b, :p] for a, b in runs]
             out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
+        self.bytes_read += sum(t.numel() * t.element_size() for t in out)
         return out[0], out[1]
 
     def close(self) -> None:

@@ -149,21 +149,26 @@ def owl_layer_sparsities(outlier_ratios: Sequence[float], target: float, lam: fl
     return [float(s) for s in np.clip(1.0 - density, 0.0, 1.0)]
 
 
-def matched_budget(config: EvolutionConfig, num_sequences: int, seq_len: int) -> tuple[int, int]:
-    """(fitness evaluations, sequences per evaluation) equal to what `config`'s search spends.
+def matched_budget(config: EvolutionConfig, num_sequences: int, seq_len: int) -> tuple[int, int, int | None]:
+    """(fitness evaluations, sequences per evaluation, positions per sequence) equal to what `config`'s search
+    spends; positions None means whole sequences.
 
-    Evaluations count every candidate scored in every stage (the parent included); the sequences per
-    evaluation spread the search's total tokens evenly over them, so a random or Optuna search on one fixed
-    batch processes as many tokens as the evolution does.
+    Evaluations count every candidate scored in every stage (the parent included); the tokens per evaluation
+    spread the search's total tokens evenly over them (a stage below one sequence's length scores a prefix,
+    see `tyr.search.batch`), so a random or Optuna search on one fixed batch processes as many tokens as the
+    evolution does: whole sequences, or a prefix of one when that is less than a sequence.
     """
-    per_generation, sequences = 0, 0
+    per_generation, tokens = 0, 0
     count = config.num_offspring
     for s, stage in enumerate(config.stages):
         if s > 0:
             count = min(config.stages[s - 1].num_survivors, count)
         scored = count + (1 if s == len(config.stages) - 1 else 0)
         per_generation += scored
-        sequences += scored * min(math.ceil(stage.num_tokens / seq_len), num_sequences)
+        n_seq = min(math.ceil(stage.num_tokens / seq_len), num_sequences)
+        tokens += scored * (stage.num_tokens if stage.num_tokens < seq_len else n_seq * seq_len)
     evaluations = per_generation * config.num_generations
-    per_evaluation = max(1, min(num_sequences, round(sequences / per_generation)))
-    return evaluations, per_evaluation
+    if tokens < per_generation * seq_len:
+        return evaluations, 1, max(1, round(tokens / per_generation))
+    per_evaluation = max(1, min(num_sequences, round(tokens / (per_generation * seq_len))))
+    return evaluations, per_evaluation, None

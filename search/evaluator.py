@@ -1,39 +1,62 @@
-"""Fitness backends behind one protocol: `evaluate(genomes, sequence_indices) -> list[float]`.
+"""Fitness backends behind one protocol: `evaluate(genomes, batch) -> list[float]` (`tyr.search.batch.Batch`).
 
 `SerialEvaluator` runs in-process on one model (the reference implementation: the Ray backend must give the
-same numbers). Fitness is the sparse top-K KL(dense ‖ candidate) on the selected calibration sequences.
+same numbers). Fitness is the sparse top-K KL(dense ‖ candidate) on the batch's calibration tokens.
+
+What moves per call, and why it is little:
+- teacher rows: the batch's rows are read once per call (kept for the next call on the same batch) and shared
+  by all its candidates; on a GPU they are moved to the device once, or pinned.
+- variants: a candidate loads and swaps only the genes whose level differs from the model's current
+  realisation, and a call's candidates are taken in nearest-genome order (`nearest_chain`) so consecutive
+  candidates differ in few genes. The iteration's supernet stays in the store's cache when it fits
+  (`variant_cache_bytes`, auto: the whole supernet if it fits in a share of the host memory).
+- hashes: every variant file's sha256 is checked once, on the first call (or already by the build that wrote
+  it); later reads check file sizes only.
+Every change of this is counted (`io_counters`) and lands in the search's history.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tyr.evaluators.kl import sparse_kl_targets
+from tyr.errors import TyrError
+from tyr.evaluators.kl import model_device, place_targets, sparse_kl
 from tyr.evaluators.teacher import TeacherTargets
+from tyr.search.batch import Batch, as_batch
+from tyr.search.counters import IOCounters
+from tyr.search.scheduling import nearest_chain
 from tyr.search.space import Genome
 from tyr.supernet.families import ModelAdapter
 from tyr.supernet.realise import Realiser
-from tyr.supernet.store import SupernetStore
+from tyr.supernet.store import SupernetStore, resolve_cache_bytes
 from tyr.supernet.variant import Variant, genes_of
 
 
 class SerialEvaluator:
-    """Evaluates candidates one after another on a single model, swapping only the genes that change."""
+    """Evaluates candidates one after another on a single model, swapping only the genes that change.
+
+    Args:
+        variant_cache_bytes: the store's variant cache for the search; None = auto (the whole supernet when it
+            fits in `host_memory_share` of the available host memory, else an LRU of that share).
+        host_memory_share: the share of available host memory an auto cache may take.
+    """
 
     def __init__(
         self,
         model: torch.nn.Module,
         adapter: ModelAdapter,
         store: SupernetStore,
-        targets: TeacherTargets,
+        targets: TeacherTargets | None,
         tokens: torch.Tensor,
         mode: str = "compact",
         batch_size: int = 8,
         progress: bool = False,
+        *,
+        variant_cache_bytes: int | None = None,
+        host_memory_share: float = 0.5,
     ):
         self.model = model
         self.store = store
@@ -44,31 +67,101 @@ class SerialEvaluator:
         self.realiser = Realiser(model, adapter, mode)
         self.num_evaluations = 0
         self.progress = progress
+        self.variant_cache_bytes = variant_cache_bytes
+        self.host_memory_share = host_memory_share
+        self.tail: Genome | None = None  # the genome the model holds (None: dense or unknown)
+        # the realised variant per gene (one genome's variants stay referenced, even beyond an LRU's bytes)
+        self._applied: list[Variant | None] = [None] * len(self.genes)
+        self._levels: list[int | None] = [None] * len(self.genes)
+        self._rows: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, values, indices)
+        self._prepared = False
+        self._base = self._totals()
 
-    def variants(self, genome: Genome) -> list[Variant]:
-        return [self.store.variant(gene, level) for gene, level in zip(self.genes, genome, strict=True)]
+    # ---- counters ------------------------------------------------------------------------------
+    def _totals(self) -> IOCounters:
+        return IOCounters(
+            variant_bytes_read=self.store.bytes_read,
+            num_variant_files_hashed=self.store.files_hashed,
+            teacher_bytes_read=self.targets.bytes_read if self.targets is not None else 0,
+            num_genes_swapped=self.realiser.swaps,
+        )
 
+    @property
+    def io_counters(self) -> IOCounters:
+        """I/O since this evaluator was created."""
+        return self._totals() - self._base
+
+    # ---- realisation ---------------------------------------------------------------------------
     def apply(self, genome: Genome) -> None:
-        """Realise `genome` on the model (only changed genes are swapped)."""
-        self.realiser.apply(self.variants(genome))
+        """Realise `genome` on the model, loading and swapping only the genes whose level changed."""
+        genome = tuple(int(v) for v in genome)
+        if len(genome) != len(self.genes):
+            raise TyrError(f"genome has {len(genome)} genes but the model has {len(self.genes)}")
+        variants = [
+            self._applied[g] if self._levels[g] == level else self.store.variant(gene, level)
+            for g, (gene, level) in enumerate(zip(self.genes, genome, strict=True))
+        ]
+        self.tail = None  # unknown if realisation fails half-way
+        self.realiser.apply(variants)
+        self._applied, self._levels, self.tail = variants, list(genome), genome
 
-    def __call__(self, genomes: Sequence[Genome], sequence_indices: np.ndarray) -> list[float]:
+    def _prepare(self) -> None:
+        """Once, on the first call: size the variant cache, and verify every variant file not yet verified
+        (reading it once; the cache keeps what fits, so a resident supernet is loaded by the same read)."""
+        if self._prepared:
+            return
+        share = self.host_memory_share
+        self.store.set_cache_bytes(
+            resolve_cache_bytes(self.variant_cache_bytes, self.store.total_bytes(), share)
+        )
+        if self.store.hash_files:
+            self.store.verify(keep=True)
+        self._prepared = True
+
+    # ---- fitness -------------------------------------------------------------------------------
+    def __call__(self, genomes: Sequence[Genome], batch: Batch) -> list[float]:
+        """Fitness of each genome on `batch`, in call order; each distinct genome is evaluated once, in
+        nearest-genome order from the one the model holds."""
+        genomes = [tuple(int(v) for v in g) for g in genomes]
+        batch = as_batch(batch)  # plain sequence indices: whole sequences
+        unique = list(dict.fromkeys(genomes))
+        order = nearest_chain(self.tail, unique, list(range(len(unique))), len(unique))
+        values = self.evaluate([unique[i] for i in order], batch)
+        by_genome = dict(zip([unique[i] for i in order], values, strict=True))
+        return [by_genome[g] for g in genomes]
+
+    def evaluate(self, genomes: Sequence[Genome], batch: Batch) -> list[float]:
+        """Fitness of each genome on `batch`, evaluated in the given order (a scheduler chose it)."""
+        if self.targets is None:
+            raise TyrError("this evaluator has no teacher targets: it can only apply genomes")
+        self._prepare()
+        batch = as_batch(batch)
+        values, indices = self._teacher_rows(batch)
+        ids = self.tokens[list(batch.sequences), : values.shape[1]]  # (n, P)
         scores = []
-        desc = f"candidates x {len(sequence_indices)} seqs"
+        desc = f"candidates x {len(batch.sequences)} seqs"
         for genome in tqdm(genomes, desc=desc, leave=False, disable=not self.progress):
             self.apply(genome)
-            scores.append(
-                sparse_kl_targets(
-                    self.model,
-                    self.tokens,
-                    self.targets,
-                    sequence_indices.tolist(),
-                    batch_size=self.batch_size,
-                )
-            )
+            scores.append(sparse_kl(self.model, ids, values, indices, batch_size=self.batch_size))
             self.num_evaluations += 1
         return scores
 
+    def _teacher_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's teacher rows (values, indices), each (n, P, K): read once, kept until another batch."""
+        positions = batch.positions(self.targets.seq_len)
+        key = (batch.sequences, positions)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = None  # free the previous batch's rows before reading the next
+            values, indices = self.targets.get(batch.sequences, positions)
+            values, indices = place_targets(values, indices, model_device(self.model))
+            self._rows = (key, values, indices)
+        return self._rows[1], self._rows[2]
+
     def close(self) -> None:
-        """Give the model back in its dense form."""
+        """Give the model back in its dense form and release the held supernet and teacher rows."""
         self.realiser.restore_dense()
+        self._applied = [None] * len(self.genes)
+        self._levels = [None] * len(self.genes)
+        self.tail = None
+        self._rows = None
+        self.store.clear_cache()

@@ -14,9 +14,11 @@ from typing import Protocol
 import numpy as np
 
 from tyr.errors import TyrError
+from tyr.search.batch import Batch, stage_batch
 from tyr.search.space import Genome, SearchSpace
 
 __all__ = [
+    "Batch",
     "EvolutionConfig",
     "FitnessFn",
     "GenerationResult",
@@ -101,8 +103,12 @@ class EvolutionConfig:
 
 
 class FitnessFn(Protocol):
-    def __call__(self, genomes: Sequence[Genome], sequence_indices: np.ndarray) -> list[float]:
-        """Fitness of each genome on the given calibration sequences; lower is better."""
+    def __call__(self, genomes: Sequence[Genome], batch: Batch) -> list[float]:
+        """Fitness of each genome on the calibration tokens of `batch`; lower is better.
+
+        A backend may also expose `io_counters` (`tyr.search.counters.IOCounters`, running totals); the search
+        records their change per generation.
+        """
         ...
 
 
@@ -111,7 +117,7 @@ class GenerationResult:
     parent: Genome  # the winner of the generation: the next parent
     fitness: float  # its fitness on the last stage's batch
     num_evaluations: int  # candidate evaluations over all stages
-    num_tokens_evaluated: int  # sum over stages of candidates * sequences * seq_len
+    num_tokens_evaluated: int  # sum over stages of candidates * tokens of the stage's batch
     stage_best: list[float] = field(default_factory=list)  # best fitness per stage
 
 
@@ -231,8 +237,8 @@ def select_survivors(fitnesses: Sequence[float], k: int) -> list[int]:
     return sorted(range(len(keys)), key=keys.__getitem__)[:k]
 
 
-def _evaluate(fitness: FitnessFn, genomes: list[Genome], indices: np.ndarray) -> list[float]:
-    values = [float(v) for v in fitness(genomes, indices)]
+def _evaluate(fitness: FitnessFn, genomes: list[Genome], batch: Batch) -> list[float]:
+    values = [float(v) for v in fitness(genomes, batch)]
     if len(values) != len(genomes):
         raise ValueError(f"fitness returned {len(values)} values for {len(genomes)} genomes")
     return values
@@ -250,7 +256,8 @@ def run_generation(
     """One generation: draw offspring, select through the stages, the parent joins the last stage.
 
     Each stage draws ceil(num_tokens / seq_len) distinct sequence indices (at most num_sequences), sorted, shared
-    by all candidates of the stage. The parent is appended after the survivors of the previous stage, so on a tie
+    by all candidates of the stage; a stage of fewer tokens than one sequence scores a prefix of one
+    (`tyr.search.batch.stage_batch`). The parent is appended after the survivors of the previous stage, so on a tie
     a child wins. Returns the best candidate of the last stage with its last-stage fitness.
     """
     if num_sequences < 1 or seq_len < 1:
@@ -274,11 +281,10 @@ def run_generation(
     for s, stage in enumerate(config.stages):
         if s == len(config.stages) - 1:
             candidates = [*candidates, parent]
-        n_seq = min(math.ceil(stage.num_tokens / seq_len), num_sequences)
-        indices = np.sort(rng.choice(num_sequences, size=n_seq, replace=False)).astype(np.int64)
-        values = _evaluate(fitness, candidates, indices)
+        batch = stage_batch(rng, stage.num_tokens, num_sequences, seq_len)
+        values = _evaluate(fitness, candidates, batch)
         num_evaluations += len(candidates)
-        num_tokens += len(candidates) * n_seq * seq_len
+        num_tokens += len(candidates) * batch.num_tokens(seq_len)
         keep = select_survivors(values, min(stage.num_survivors, len(candidates)))
         stage_best.append(values[keep[0]])
         best, best_fitness = candidates[keep[0]], values[keep[0]]

@@ -2,7 +2,8 @@
 
 The first trial is the start genome (every gene at its ladder centre); each further trial proposes a
 fractional ladder position per gene; :func:`search.baselines.project_units` turns it
-into the nearest feasible genome (exact per-type unit counts), which is scored on one fixed calibration batch.
+into the nearest feasible genome (exact per-type unit counts), which is scored on one fixed calibration batch
+(`tyr.search.batch.Batch`).
 Both samplers run through an Optuna study stored in a journal file, so a killed search resumes where it
 stopped: trials left RUNNING by the killed process are marked FAILED and redone, and the sampler is re-seeded
 from (seed, completed trials) before every batch, which makes a resumed search propose exactly what an
@@ -30,6 +31,8 @@ import numpy as np
 from tyr.errors import TyrError
 from tyr.io import atomic_write_text
 from tyr.search.baselines import project_units, units_at
+from tyr.search.batch import Batch, as_batch
+from tyr.search.counters import IOCounters, io_counters
 from tyr.search.evolution import FitnessFn
 from tyr.search.space import Genome, SearchSpace
 
@@ -53,7 +56,7 @@ def sampled_search(
     sampler: str,
     num_evaluations: int,
     batch_size: int,
-    indices: np.ndarray,
+    indices: np.ndarray | Batch,
     seed: int,
     journal_path: str | Path,
     history_path: str | Path,
@@ -63,9 +66,10 @@ def sampled_search(
 ) -> SampledResult:
     """Run (or resume) ``num_evaluations`` trials in batches of ``batch_size``; returns the best genome.
 
-    ``indices`` are the calibration sequences every trial is scored on. ``identity`` pins the study to its
-    run, supernet and iteration; a journal holding another identity is refused. ``on_batch(batch, done,
-    best, seconds)`` is called after each batch.
+    ``indices`` is the calibration batch every trial is scored on (a `Batch`, or sequence indices scored whole).
+    ``identity`` pins the study to its run, supernet and iteration; a journal holding another identity is
+    refused. ``on_batch(batch, done, best, seconds)`` is called after each batch. Each history line carries the
+    batch's I/O counters (`io`, as the evolution's).
     """
     optuna = _import_optuna()
     if sampler not in SAMPLERS:
@@ -74,6 +78,7 @@ def sampled_search(
         raise TyrError(
             f"need at least one evaluation and batch size >= 1, got {num_evaluations}, {batch_size}"
         )
+    fixed = as_batch(indices)
     study = _open_study(optuna, Path(journal_path), identity)
     _fail_interrupted(optuna, study)
     distributions = {
@@ -81,7 +86,8 @@ def sampled_search(
         for g, lad in enumerate(space.ladders)
         if len(lad.levels) > 1
     }
-    batch = len(_completed(optuna, study)) // batch_size  # whole batches only: trials are told per batch
+    # the batches told so far (a trial records its batch: the last one may be smaller than batch_size)
+    batch = max((int(t.user_attrs.get("batch", 0)) for t in _completed(optuna, study)), default=0)
     while (done := len(_completed(optuna, study))) < num_evaluations:
         t0 = time.perf_counter()
         if done == 0 and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
@@ -91,11 +97,14 @@ def sampled_search(
         study.sampler = _sampler(optuna, sampler, seed, done)
         trials = [study.ask(distributions) for _ in range(min(batch_size, num_evaluations - done))]
         genomes = [_genome(space, trial.params) for trial in trials]
-        values = _score(fitness, genomes, indices)
+        io0 = io_counters(fitness)
+        values = _score(fitness, genomes, fixed)
+        io = (io_counters(fitness) - io0).to_json()
         batch += 1
         for trial, genome, value in zip(trials, genomes, values, strict=True):
             trial.set_user_attr("genome", list(genome))
             trial.set_user_attr("batch", batch)
+            trial.set_user_attr("io", io)  # the batch's I/O (every trial of the batch holds the same)
             study.tell(trial, value if math.isfinite(value) else None, state=_state(optuna, value))
         seconds = time.perf_counter() - t0
         _write_history(optuna, study, history_path, tokens_per_evaluation)
@@ -196,10 +205,10 @@ def _genome(space: SearchSpace, params: dict) -> Genome:
     return project_units(space, units_at(space, positions))
 
 
-def _score(fitness: FitnessFn, genomes: Sequence[Genome], indices: np.ndarray) -> list[float]:
+def _score(fitness: FitnessFn, genomes: Sequence[Genome], batch: Batch) -> list[float]:
     """Fitness of each distinct genome once (projection often maps proposals to the same genome)."""
     unique = list(dict.fromkeys(genomes))
-    values = dict(zip(unique, (float(v) for v in fitness(unique, indices)), strict=True))
+    values = dict(zip(unique, (float(v) for v in fitness(unique, batch)), strict=True))
     return [values[g] for g in genomes]
 
 
@@ -242,6 +251,7 @@ def _write_history(optuna, study, path: str | Path, tokens_per_evaluation: int) 
                     "num_evaluations": len(trials),
                     "num_tokens": len(trials) * tokens_per_evaluation,
                     "seconds": round(seconds, 6),
+                    "io": IOCounters.from_json(best_trial.user_attrs.get("io", {})).to_json(),
                 },
                 sort_keys=True,
             )

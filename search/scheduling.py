@@ -3,14 +3,17 @@
 A distributed backend (Ray, in `tyr.cluster`) owns the workers; this module decides what each of them does.
 Workers pull work: a free worker takes the pending candidates closest (fewest differing genes) to the genome
 it will have applied, so it swaps few genes, in chunks that shrink as the queue empties, so no worker idles
-while work is left. Duplicate genomes are evaluated once. Fitness depends only on (genome, sequence indices),
-so results do not depend on the number of workers, the assignment or the completion order.
+while work is left (the serial evaluator orders a call's candidates by the same `nearest_chain`). Duplicate
+genomes are evaluated once. Fitness depends only on (genome, batch), so results do not depend on the number
+of workers, the assignment or the completion order.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 from tyr.errors import TyrError
 from tyr.search.space import Genome
@@ -21,6 +24,29 @@ def genome_distance(a: Genome | None, b: Genome) -> int:
     if a is None:
         return len(b) + 1
     return sum(x != y for x, y in zip(a, b))
+
+
+def nearest_chain(
+    start: Genome | None, genomes: Sequence[Genome], pending: list[int], length: int
+) -> list[int]:
+    """Remove and return up to `length` indices of `pending`: from `start`, each time the pending genome
+    nearest to the last one taken (`genome_distance`; ties: the lowest index). The order in which a model
+    realises them with few gene swaps.
+    """
+    table = np.asarray(genomes, dtype=np.int64).reshape(len(genomes), -1)  # (num_genomes, num_genes)
+    chain: list[int] = []
+    here = None if start is None else np.asarray(start, dtype=np.int64)
+    for _ in range(min(length, len(pending))):
+        candidates = np.asarray(pending, dtype=np.int64)
+        if here is None:
+            best = int(candidates.min())
+        else:
+            distance = (table[candidates] != here).sum(axis=1)
+            best = int(candidates[np.lexsort((candidates, distance))[0]])
+        pending.remove(best)
+        chain.append(best)
+        here = table[best]
+    return chain
 
 
 class WorkQueue:
@@ -47,14 +73,7 @@ class WorkQueue:
         round trips early and single candidates balance the end.
         """
         size = max(1, math.ceil(len(self.pending) / (depth * max(num_workers, 1))))
-        chunk: list[int] = []
-        here = tail
-        for _ in range(min(size, len(self.pending))):
-            best = min(self.pending, key=lambda c: (genome_distance(here, self.unique[c]), c))
-            self.pending.remove(best)
-            chunk.append(best)
-            here = self.unique[best]
-        return chunk
+        return nearest_chain(tail, self.unique, self.pending, size)
 
     def requeue(self, chunk: Sequence[int]) -> None:
         """Put a dead worker's chunk back; TyrError when a candidate has crashed workers too often."""

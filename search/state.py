@@ -2,7 +2,8 @@
 
 The state saved after generation g holds the parent, its fitness and the RNG state *after* g, so a search killed
 at any point and resumed gives exactly the result of an uninterrupted run. The history log is appended before
-the state is saved; on resume, lines beyond the saved generation are dropped.
+the state is saved; on resume, lines beyond the saved generation are dropped. Each history line carries the
+fitness backend's I/O during that generation (`io`: see `tyr.search.counters.IOCounters`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from tyr.errors import TyrError
 from tyr.io import append_line, atomic_write_json, atomic_write_text
+from tyr.search.counters import io_counters
 from tyr.search.evolution import EvolutionConfig, FitnessFn, GenerationResult, Genome, run_generation
 from tyr.search.space import SearchSpace
 
@@ -244,7 +246,7 @@ def evolve(
     while state.generation < config.num_generations:
         if should_stop is not None and should_stop():
             break
-        t0 = time.perf_counter()
+        t0, io0 = time.perf_counter(), io_counters(fitness)
         result = run_generation(state.parent, space, config, fitness, rng, num_sequences, seq_len)
         seconds = time.perf_counter() - t0
         generation = state.generation + 1
@@ -255,6 +257,7 @@ def evolve(
             "num_evaluations": result.num_evaluations,
             "num_tokens": result.num_tokens_evaluated,
             "seconds": round(seconds, 6),
+            "io": (io_counters(fitness) - io0).to_json(),
         }
         append_line(history_path, json.dumps(record, sort_keys=True))
         state = SearchState(

@@ -1,35 +1,49 @@
 """Supernet builder (ALGORITHM §3-4): block by block, prune every gene at every level of its ladder.
 
-Streaming: memory holds the model, the current hidden states of the calibration sequences, and one gene's
-captured projection inputs and Hessian. Block l+1 sees the *expected* output of block l over its variants
-(expectation error accumulation); because the re-fitted projections are linear in their weights, this equals
-running the block once with the weighted average of the variant weights.
+Streaming: the hidden states of the calibration sequences live in a `HiddenStore` (`supernet.offload`: on the
+device, in host RAM or in a memory-mapped file), and the device holds one chunk of `batch_size` sequences at a
+time plus one gene's Hessian and pruner state. Every gene makes two passes over the chunks:
 
-Resume: a finished gene is read back from the store instead of rebuilt; its expected weight is computed from
-the stored tensors in both cases, so a resumed build is bitwise identical to an uninterrupted one.
+1. capture: run the module up to its output projection, add the projection input to H (and to the sums the
+   criteria need), drop it;
+2. propagate: once the variants exist, run the module again and add the *expected* projection output over the
+   variants to the chunk (expectation error accumulation: because the re-fitted projections are linear in their
+   weights, this equals running the block once with the weighted average of the variant weights).
+
+Pass 2 recomputes the inputs instead of keeping them: an 8B MLP's inputs over the paper's calibration set are
+112 GiB. With offload `none` everything is on the device anyway, so there the inputs of pass 1 are kept for
+pass 2. Recomputed inputs are bitwise equal to captured ones, so every offload mode builds the same supernet.
+
+Resume: a finished gene is read back from the store instead of rebuilt (only pass 2 runs for it); its expected
+weight is computed from the stored tensors in both cases, so a resumed build is bitwise identical to an
+uninterrupted one. A `DeviceLedger` records the bytes held on the device per gene and phase (`build.json`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyr.supernet.criteria import accumulate_stats, prune_by_criterion, reconstruction_errors
+from tyr.supernet.criteria import InputStats, accumulate_stats, prune_by_criterion, reconstruction_errors
 from tyr.supernet.families import ModelAdapter, find_rotary
+from tyr.supernet.hidden import HiddenStore, open_hidden_store
 from tyr.supernet.ladder import Ladder
-from tyr.supernet.pruner import PrunerOptions
+from tyr.supernet.ledger import DeviceLedger, nbytes
+from tyr.supernet.pruner import PrunerOptions, working_bytes
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.units import unit_rows
 from tyr.supernet.variant import Variant
 
-Chunks = list[torch.Tensor]  # hidden states or projection inputs, one (B, T, d) tensor per calibration batch
+Chunks = list[torch.Tensor]  # projection inputs, one (B, T, d_in) tensor per chunk of calibration sequences
+RunModule = Callable[[torch.Tensor], None]  # runs one gene's module (its norm included) on a (B, T, d) chunk
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,22 @@ class BuildPlan:
     batch_size: int = 8
     storage_dtype: torch.dtype | None = None  # None = the model's dtype
     criterion: str = "tyr"  # supernet/criteria.py
+    hessian_tf32: bool = False  # TF32 matmuls for H = sum X^T X on CUDA (changes H; a no-op elsewhere)
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where the build keeps the calibration hidden states (not in the fingerprint: every mode builds the same
+    supernet).
+
+    Attributes:
+        mode: ``none`` (on the compute device), ``host`` (host RAM, pinned for a GPU) or ``disk`` (a
+            memory-mapped file in `directory`); see supernet/hidden.py.
+        directory: folder for ``disk``'s file, created by the build and removed when it ends.
+    """
+
+    mode: str = "host"
+    directory: Path | None = None
 
 
 @dataclass
@@ -51,6 +81,7 @@ class BuildReport:
     genes_reused: int = 0
     seconds: float = 0.0
     seconds_pruning: float = 0.0  # Hessian solves and mask selection (the rest is forward passes)
+    ledger: dict = field(default_factory=dict)  # device bytes per gene and phase (supernet/ledger.py)
 
 
 def expectation_weights(sparsities: Sequence[float], mode: str, levels: Sequence[int]) -> list[float]:
@@ -94,80 +125,143 @@ def build_supernet(
     plan: BuildPlan,
     store: SupernetStore,
     progress: bool = True,
+    offload: Offload = Offload(),  # noqa: B008 - frozen, immutable default
 ) -> BuildReport:
     """Build (or finish building) the supernet for `tokens` (N, T) into `store`."""
     start = time.perf_counter()
     report = BuildReport()
+    embedding = model.get_input_embeddings()
+    device, dtype = embedding.weight.device, embedding.weight.dtype
+    ledger = DeviceLedger(device)
     ladders = {(ld.gene.layer, ld.gene.kind): ld for ld in plan.ladders}
-    with torch.inference_mode():
-        hidden = _embed(model, tokens, plan.batch_size)
-        position_embeddings = find_rotary(model)(
-            hidden[0][:1], _position_ids(tokens.shape[1], hidden[0].device)
-        )
-        mask = _causal_mask(model, tokens.shape[1], hidden[0])
+    shape = (tokens.shape[0], tokens.shape[1], adapter.hidden_size)  # (N, T, d)
+    with (
+        torch.inference_mode(),
+        open_hidden_store(offload.mode, shape, dtype, device, plan.batch_size, offload.directory) as hidden,
+    ):
+        _embed(embedding, tokens, hidden)
+        context = _block_context(model, hidden)
         bar = tqdm(range(adapter.num_layers), desc="supernet", unit="block", disable=not progress)
         for i in bar:
-            layer = adapter.layer(i)
-
-            def attention(x: torch.Tensor, layer=layer) -> None:
-                layer.self_attn(
-                    hidden_states=layer.input_layernorm(x),
-                    position_embeddings=position_embeddings,
-                    attention_mask=mask,
-                )
-
-            def mlp(x: torch.Tensor, layer=layer) -> None:
-                layer.mlp(layer.post_attention_layernorm(x))
-
-            for kind, run_module in (("attn", attention), ("mlp", mlp)):
+            for kind, run_module in _gene_modules(adapter.layer(i), *context):
                 bar.set_postfix_str(f"block {i} {kind}")
-                hidden = _process_gene(adapter, ladders[(i, kind)], run_module, hidden, plan, store, report)
+                _process_gene(adapter, ladders[(i, kind)], run_module, hidden, plan, store, report, ledger)
     report.seconds = time.perf_counter() - start
+    report.ledger = {"offload": offload.mode, "batch_size": plan.batch_size, **ledger.summary()}
     return report
+
+
+def _embed(embedding: nn.Module, tokens: torch.Tensor, hidden: HiddenStore) -> None:
+    """The hidden states entering block 0, chunk by chunk."""
+    for i in range(hidden.num_chunks):
+        a, b = hidden.bounds(i)
+        hidden.put(i, embedding(tokens[a:b].to(hidden.device)))  # (B, T, d)
+
+
+def _block_context(model: nn.Module, hidden: HiddenStore) -> tuple[tuple, torch.Tensor | None]:
+    """(rotary (cos, sin), attention mask): the same for every block and chunk."""
+    like = hidden.get(0)[:1]  # (1, T, d); the rotary module reads only its dtype and device
+    seq_len = hidden.shape[1]
+    position_embeddings = find_rotary(model)(like, _position_ids(seq_len, like.device))
+    return position_embeddings, _causal_mask(model, seq_len, like)
+
+
+def _gene_modules(
+    layer: nn.Module, position_embeddings: tuple, mask: torch.Tensor | None
+) -> list[tuple[str, RunModule]]:
+    """The block's two genes, each with a function that runs its module on a chunk of hidden states."""
+
+    def attention(x: torch.Tensor) -> None:
+        layer.self_attn(
+            hidden_states=layer.input_layernorm(x),
+            position_embeddings=position_embeddings,
+            attention_mask=mask,
+        )
+
+    def mlp(x: torch.Tensor) -> None:
+        layer.mlp(layer.post_attention_layernorm(x))
+
+    return [("attn", attention), ("mlp", mlp)]
 
 
 def _process_gene(
     adapter: ModelAdapter,
     ladder: Ladder,
-    run_module: Callable[[torch.Tensor], None],
-    hidden: Chunks,
+    run_module: RunModule,
+    hidden: HiddenStore,
     plan: BuildPlan,
     store: SupernetStore,
     report: BuildReport,
-) -> Chunks:
-    """Capture the gene's projection inputs, get its variants (built or stored), propagate the block."""
+    ledger: DeviceLedger,
+) -> None:
+    """Get the gene's variants (built from its input statistics, or read back from the store), then add the
+    expected output of its projection to the hidden states."""
     gene = ladder.gene
     proj = adapter.output_proj(gene.layer, gene.kind)
-    inputs = _capture_inputs(proj, run_module, hidden)
-    if store.is_complete(gene) and store.verify_gene(gene):
+    ledger.begin_gene(gene.name)
+    ledger.hold("hidden", hidden.device_bytes)
+    inputs = None
+    reused = store.is_complete(gene) and store.verify_gene(gene)
+    if reused:
         variants = [store.variant(gene, level) for level in ladder.levels]
         report.genes_reused += 1
     else:
+        stats, inputs = _input_stats(proj, run_module, hidden, plan.hessian_tf32, ledger)
         t0 = time.perf_counter()
-        variants = _build_gene(adapter, ladder, proj, inputs, plan, store)
+        variants = _build_gene(adapter, ladder, proj, stats, plan, store, ledger)
         report.seconds_pruning += time.perf_counter() - t0
         report.genes_built += 1
     weight, bias = _propagation_weight(adapter, ladder, proj, variants, plan.accumulation)
-    return [h + F.linear(x, weight, bias) for h, x in zip(hidden, inputs, strict=True)]
+    _propagate(proj, run_module, hidden, weight, bias, inputs, ledger)
+    ledger.end_gene(built=not reused)
+
+
+def _input_stats(
+    proj: nn.Linear, run_module: RunModule, hidden: HiddenStore, tf32: bool, ledger: DeviceLedger
+) -> tuple[InputStats, Chunks | None]:
+    """Pass 1: H = sum X^T X (fp32), sum X and the token count over the inputs X of `proj`, chunk by chunk.
+
+    Also returns the inputs themselves when the hidden states are on the device (offload none).
+    """
+    ledger.phase("capture")
+    d_in = proj.in_features
+    ledger.hold("stats", d_in * d_in * 4 + d_in * 8)  # H (fp32) and sum X (fp64)
+    stats, kept = None, ([] if hidden.on_device else None)
+    with _capturing(proj, run_module) as capture:
+        for i in range(hidden.num_chunks):
+            h = hidden.get(i)  # (B, T, d)
+            ledger.hold("chunk", 0 if hidden.on_device else nbytes(h))
+            x = capture(h)  # (B, T, d_in)
+            # accumulate_stats makes an fp32 copy of X for H (unless X is fp32) and an fp64 one for sum X
+            ledger.hold("input", nbytes(x) + x.numel() * (8 + (4 if x.dtype != torch.float32 else 0)))
+            with _tf32_matmuls(tf32, x.device):
+                stats = accumulate_stats(stats, x)
+            ledger.release("chunk", "input")
+            if kept is not None:
+                kept.append(x)
+                ledger.add("inputs", nbytes(x))
+    return stats, kept
 
 
 def _build_gene(
     adapter: ModelAdapter,
     ladder: Ladder,
     proj: nn.Linear,
-    inputs: Chunks,
+    stats: InputStats,
     plan: BuildPlan,
     store: SupernetStore,
+    ledger: DeviceLedger,
 ) -> list[Variant]:
+    """Prune the gene at every level of its ladder from its input statistics; write the variants."""
     gene = ladder.gene
-    stats = None
-    for x in inputs:
-        stats = accumulate_stats(stats, x)  # H = sum X^T X (fp32), sum X and token count
     options = plan.attn_options if gene.kind == "attn" else plan.mlp_options
+    ledger.phase("prune")
+    ledger.hold("pruner", working_bytes(proj.in_features, proj.out_features, options))
     group_size = adapter.group_size(gene.kind)
     removed = [ladder.removed(level) for level in ladder.levels]
     results = prune_by_criterion(plan.criterion, stats, proj.weight.T, group_size, removed, options)
     errors = reconstruction_errors(stats, proj.weight.T, results, group_size)
+    ledger.release("pruner", "stats")
     dtype = plan.storage_dtype or proj.weight.dtype
     variants = [
         Variant(
@@ -184,6 +278,31 @@ def _build_gene(
     params = [variant_params(adapter, proj, v) for v in variants]
     store.write_gene(ladder, group_size, variants, params, errors)
     return variants
+
+
+def _propagate(
+    proj: nn.Linear,
+    run_module: RunModule,
+    hidden: HiddenStore,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: Chunks | None,
+    ledger: DeviceLedger,
+) -> None:
+    """Pass 2: h += X W^T + b in every chunk, with (W, b) the expected projection and X the inputs pass 1 kept,
+    or recomputed by running the module again."""
+    ledger.phase("propagate")
+    ledger.hold("expected_weight", nbytes(weight))
+    with _capturing(proj, run_module) as capture:
+        for i in range(hidden.num_chunks):
+            h = hidden.get(i)  # (B, T, d)
+            x = inputs[i] if inputs is not None else capture(h)  # (B, T, d_in)
+            out = F.linear(x, weight, bias)  # (B, T, d)
+            staged = 0 if hidden.on_device else nbytes(h) + nbytes(x)
+            ledger.hold("chunk", staged + nbytes(out))
+            hidden.put(i, h.add_(out))
+            ledger.release("chunk")
+    ledger.release("inputs", "expected_weight")
 
 
 def variant_params(adapter: ModelAdapter, proj: nn.Linear, variant: Variant) -> int:
@@ -231,30 +350,49 @@ class _InputCaptured(Exception):
     """Raised by the capture hook: the projection is the module's last op, so its dense output is never needed."""
 
 
-def _capture_inputs(proj: nn.Linear, run_module: Callable[[torch.Tensor], None], hidden: Chunks) -> Chunks:
-    """Inputs of `proj` while running its module on every chunk of hidden states (stops right before `proj`)."""
+@contextlib.contextmanager
+def _capturing(proj: nn.Linear, run_module: RunModule) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A function h -> the input of `proj` when its module runs on h (the forward stops right before `proj`)."""
     captured: Chunks = []
 
     def hook(_module: nn.Module, args: tuple) -> None:
         captured.append(args[0].detach())  # a fresh tensor: the forward is aborted right after
         raise _InputCaptured
 
+    def capture(h: torch.Tensor) -> torch.Tensor:
+        with contextlib.suppress(_InputCaptured):
+            run_module(h)
+        if not captured:
+            raise RuntimeError(
+                f"{type(proj).__name__} was not called by its module; unsupported module layout"
+            )
+        return captured.pop()
+
     handle = proj.register_forward_pre_hook(hook)
     try:
-        for h in hidden:
-            with contextlib.suppress(_InputCaptured):
-                run_module(h)
+        yield capture
     finally:
         handle.remove()
-    if len(captured) != len(hidden):
-        raise RuntimeError(f"{type(proj).__name__} was not called by its module; unsupported module layout")
-    return captured
 
 
-def _embed(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> Chunks:
-    embedding = model.get_input_embeddings()
-    device = embedding.weight.device
-    return [embedding(tokens[i : i + batch_size].to(device)) for i in range(0, tokens.shape[0], batch_size)]
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool, device: torch.device) -> Iterator[None]:
+    """TF32 for the fp32 matmuls inside the block, on CUDA only (elsewhere nothing changes).
+
+    Scoped to the Hessian accumulation: the model's own forward passes (of an fp32 model too) never see it.
+    """
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 has fp32_precision and refuses a mix of it and the older allow_tf32: use one of them.
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
 
 
 def _position_ids(seq_len: int, device: torch.device) -> torch.Tensor:

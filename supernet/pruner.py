@@ -10,7 +10,10 @@ Given ``H = sum X^T X`` over calibration tokens, the pruner
    compensating the remaining rows after every round, and
 2. re-fits the kept rows by exact ridge-damped least squares against the dense output ``X W``.
 
-All computation runs in float64 on the device of ``H``; returned weights are float32.
+The solves run on the device of ``H`` in ``PrunerOptions.solve_dtype``: float64 by default, float32 as the fast
+path for GPUs whose float64 rate is a small fraction of their float32 rate (most non-datacenter ones); the
+float32 path keeps the same units on the test models and re-fits within 1e-4 of float64 (tests/test_pruner.py).
+Returned weights are float32.
 """
 
 from __future__ import annotations
@@ -37,23 +40,27 @@ class PrunerOptions:
         use_first_order: if False, the first-order score term ``sum(W_g * G_g)`` is dropped.
         num_rounds: number of progressive rounds; None means one group per round. Removal counts are split as
             evenly as possible (earlier rounds get the extra one), never more rounds than groups to remove.
+        solve_dtype: dtype of the damped Hessian, its inverse and every solve (float64 or float32).
     """
 
     damp: float = 0.01
     use_hessian: bool = True
     use_first_order: bool = False  # the paper's term; measured harmful on SmolLM2 (see tyr/config.py)
     num_rounds: int | None = None
+    solve_dtype: torch.dtype = _COMPUTE
 
     def __post_init__(self) -> None:
         if not self.damp >= 0:  # also rejects NaN
             raise ValueError(f"damp must be >= 0, got {self.damp}")
         if self.num_rounds is not None and (isinstance(self.num_rounds, bool) or self.num_rounds < 1):
             raise ValueError(f"num_rounds must be None or >= 1, got {self.num_rounds}")
+        if self.solve_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"solve_dtype must be torch.float64 or torch.float32, got {self.solve_dtype}")
 
 
 @dataclass
 class _Prepared:
-    """Quantities shared by every removal level of one module (all float64)."""
+    """Quantities shared by every removal level of one module (all in the solve dtype)."""
 
     hd: torch.Tensor  # damped Hessian (dead diagonal set to 1), (d_in, d_in)
     hinv: torch.Tensor  # inverse of hd, (d_in, d_in)
@@ -163,14 +170,16 @@ def prune_levels(
             results.append(_prune_magnitude(W.to(device), group_size, num_remove, options.use_first_order))
         else:
             if prep is None:
-                prep = _prepare(H, W, options.damp)
+                prep = _prepare(H, W, options.damp, options.solve_dtype)
             kept = _select_mask(prep, group_size, num_remove, options)
             w_kept = _refit(prep, unit_rows(kept, group_size))
             results.append((kept, w_kept.to(torch.float32)))
     return results
 
 
-def refit_kept_rows(H: torch.Tensor, W: torch.Tensor, kept_rows: torch.Tensor, damp: float) -> torch.Tensor:
+def refit_kept_rows(
+    H: torch.Tensor, W: torch.Tensor, kept_rows: torch.Tensor, damp: float, dtype: torch.dtype = _COMPUTE
+) -> torch.Tensor:
     """Ridge-damped least-squares refit of the kept rows against the dense output ``X W``.
 
     Solves ``Hd[K, K] W_K = (H W)[K]`` with ``Hd = H + damp * mean(diag H) * I`` (dead diagonal set to 1).
@@ -181,11 +190,23 @@ def refit_kept_rows(H: torch.Tensor, W: torch.Tensor, kept_rows: torch.Tensor, d
         W: dense weight transposed, (d_in, d_out).
         kept_rows: int64 row indices K.
         damp: relative ridge damping.
+        dtype: dtype of the solve (float64 or float32).
 
     Returns:
-        ``W_K`` in float64, (len(K), d_out), on ``H.device``.
+        ``W_K`` in `dtype`, (len(K), d_out), on ``H.device``.
     """
-    return _refit(_prepare(H, W, damp), kept_rows.to(device=H.device, dtype=torch.int64))
+    return _refit(_prepare(H, W, damp, dtype), kept_rows.to(device=H.device, dtype=torch.int64))
+
+
+def working_bytes(d_in: int, d_out: int, options: PrunerOptions) -> int:
+    """Estimated peak bytes `prune_levels` holds on H's device for a (d_in, d_out) projection.
+
+    Five (d_in, d_in) matrices (H in the solve dtype, the damped H, its inverse, one Cholesky factor, and the
+    progressive rounds' downdate factor, which grows to at most d_in columns) and five (d_in, d_out) ones
+    (W, G, Z, the compensated W and one level's refit), all in ``options.solve_dtype``. For the memory ledger of
+    the supernet build (supernet/ledger.py), not an allocator measurement.
+    """
+    return (5 * d_in * d_in + 5 * d_in * d_out) * options.solve_dtype.itemsize
 
 
 def _validate(H: torch.Tensor, W: torch.Tensor, group_size: int, counts: Sequence[int]) -> int:
@@ -230,11 +251,11 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return hd
 
 
-def _prepare(H: torch.Tensor, W: torch.Tensor, damp: float) -> _Prepared:
-    """Compute the damped Hessian, its inverse, G and the dead-zeroed W in float64."""
-    h = H.to(_COMPUTE)
+def _prepare(H: torch.Tensor, W: torch.Tensor, damp: float, dtype: torch.dtype = _COMPUTE) -> _Prepared:
+    """Compute the damped Hessian, its inverse, G and the dead-zeroed W in `dtype`."""
+    h = H.to(dtype)
     dead = h.diagonal() == 0
-    w = W.to(device=H.device, dtype=_COMPUTE).masked_fill(dead[:, None], 0.0)
+    w = W.to(device=H.device, dtype=dtype).masked_fill(dead[:, None], 0.0)
     hd = _damped(h, damp)
     hinv = torch.cholesky_inverse(_cholesky(hd))
     return _Prepared(hd=hd, hinv=hinv, g=h @ w, w=w)
@@ -329,7 +350,7 @@ def _select_mask(prep: _Prepared, group_size: int, num_remove: int, options: Pru
 
 
 def _refit(prep: _Prepared, kept_rows: torch.Tensor) -> torch.Tensor:
-    """Solve ``hd[K, K] W_K = G[K]`` (float64), by the cheaper of a direct and a Schur-complement solve."""
+    """Solve ``hd[K, K] W_K = G[K]`` (solve dtype), by the cheaper of a direct and a Schur-complement solve."""
     d_in, d_out = prep.g.shape
     k, n = kept_rows.numel(), d_in - kept_rows.numel()
     if n**3 / 3 + n * n * k + 2 * n * k * d_out < k**3 / 3 + 2 * k * k * d_out:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import filecmp
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.tiny import random_tokens, tiny_model
+from tests.tiny import FAMILIES, random_tokens, tiny_model
 from tyr.errors import TyrError
 from tyr.supernet.builder import BuildPlan, build_supernet, expectation_weights, expected_weight
 from tyr.supernet.families import adapter_for
@@ -151,3 +152,23 @@ def test_accumulation_modes_differ_only_after_first_block(tmp_path, mode):
     last = SupernetStore.open(tmp_path / mode).variant(Gene(1, "mlp"), 0)
     ref_last = SupernetStore.open(tmp_path / "ref").variant(Gene(1, "mlp"), 0)
     assert torch.equal(last.weight, ref_last.weight) == (mode == "expectation")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_solves_keep_the_same_units(tmp_path, family):
+    """supernet.solve_dtype=float32 (the fast path on GPUs with a low float64 rate): the same kept units at
+    every level of every gene, and re-fitted weights within 1e-4 (relative) of the float64 ones."""
+    model = tiny_model(family, num_layers=2)
+    tokens = random_tokens(4, 16)
+    plan = _plan(adapter_for(model))
+    f32 = PrunerOptions(solve_dtype=torch.float32)
+    plan32 = replace(plan, attn_options=f32, mlp_options=replace(plan.mlp_options, solve_dtype=torch.float32))
+    _build(tmp_path / "f64", model, tokens, plan)
+    _build(tmp_path / "f32", model, tokens, plan32)
+    ref, fast = SupernetStore.open(tmp_path / "f64"), SupernetStore.open(tmp_path / "f32")
+    for ladder in plan.ladders:
+        for level in ladder.levels:
+            a, b = ref.variant(ladder.gene, level), fast.variant(ladder.gene, level)
+            assert torch.equal(a.kept, b.kept), (ladder.gene.name, level)
+            scale = a.weight.double().norm().clamp_min(1e-30)
+            assert (a.weight.double() - b.weight.double()).norm() / scale <= 1e-4, (ladder.gene.name, level)

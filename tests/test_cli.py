@@ -91,6 +91,7 @@ def test_output_folder_of_another_run_is_refused(capsys, tmp_path, tiny_assets):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("sparsity: 0.3\n")
+    (out / ".tyr-run").write_text("{}")  # a Tyr run (marked) with another config
     _fails(capsys, smoke_args(tiny_assets, out), "different config")
     assert (out / "config.yaml").read_text() == "sparsity: 0.3\n"
     other = tmp_path / "other"

@@ -202,6 +202,27 @@ def test_teacher_targets_round_trip(teacher, tokens, tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["meta.json", "targets.safetensors"]
 
 
+def test_a_prefix_reads_and_scores_only_its_positions(teacher, student, tokens, tmp_path):
+    """get(rows, P) reads the first P positions only; the KL of a prefix is the mean over its positions of
+    the per-position KL of the whole sequences (causal attention: a position never sees what follows)."""
+    k, p, rows = 6, 5, [3, 0, 1]
+    targets = compute_and_save_teacher_targets(teacher, tokens, k, tmp_path / "t", batch_size=2)
+    values, indices = compute_teacher_targets(teacher, tokens, k)
+    before = targets.bytes_read
+    v, i = targets.get(rows, p)
+    assert torch.equal(v, values[rows, :p]) and torch.equal(i, indices[rows, :p])
+    assert targets.bytes_read - before == len(rows) * p * k * (2 + 4)  # fp16 values + int32 indices
+    with pytest.raises(IndexError):
+        targets.get(rows, tokens.shape[1] + 1)
+    per_position = sparse_kl_from_logits(
+        full_logits(student, tokens[rows]).gather(-1, indices[rows].long()), values[rows]
+    )  # (3, T) from the whole sequences
+    got = sparse_kl_targets(student, tokens, targets, rows, batch_size=2, num_positions=p)
+    assert got == pytest.approx(per_position[:, :p].mean().item(), rel=1e-5)
+    whole = sparse_kl_targets(student, tokens, targets, rows, batch_size=2)
+    assert whole == pytest.approx(per_position.mean().item(), rel=1e-5) and whole != got
+
+
 def test_teacher_targets_open_errors(tmp_path):
     with pytest.raises(TyrError, match="does not exist"):
         TeacherTargets.open(tmp_path / "missing")

@@ -88,9 +88,19 @@ def test_matched_budget_equals_what_the_evolution_spends(num_sequences):
         evaluations += result.num_evaluations
         tokens += result.num_tokens_evaluated
         parent = result.parent
-    matched, per_evaluation = matched_budget(config, num_sequences, 128)
-    assert matched == evaluations
+    matched, per_evaluation, positions = matched_budget(config, num_sequences, 128)
+    assert matched == evaluations and positions is None
     assert abs(matched * per_evaluation * 128 - tokens) <= matched * 128 / 2 + 1
+
+
+def test_matched_budget_of_prefix_stages():
+    """Stages shorter than a sequence score prefixes: the matched batch is a prefix of one sequence too."""
+    config = EvolutionConfig(num_generations=2, num_offspring=10, stages=(Stage(4, 32), Stage(1, 64)))
+    fitness, rng, tokens = SyntheticFitness(), np.random.default_rng(0), 0
+    for _ in range(config.num_generations):
+        tokens += run_generation((0,) * 12, make_space(), config, fitness, rng, 16, 128).num_tokens_evaluated
+    evaluations, per_evaluation, positions = matched_budget(config, 16, 128)
+    assert (evaluations, per_evaluation) == (30, 1) and positions == round(tokens / evaluations)
 
 
 class CountingFitness(SyntheticFitness):

@@ -286,6 +286,24 @@ def test_invalid_options_and_hessian() -> None:
     with pytest.raises(ValueError):
         PrunerOptions(num_rounds=0)
     with pytest.raises(ValueError):
+        PrunerOptions(solve_dtype=torch.float16)
+    with pytest.raises(ValueError):
         accumulate_hessian(torch.zeros(3, 3), torch.ones(2, 4))
     with pytest.raises(ValueError):
         prune_levels(torch.eye(4), torch.ones(4, 2), 1, [1, 5])
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_float32_solves_match_float64(group_size: int) -> None:
+    """The float32 solve path (PrunerOptions.solve_dtype) on a well-conditioned problem: the same mask, and
+    the refit in float32 within 1e-4 of the float64 one (the builder's test repeats this on tiny models)."""
+    X, W = _problem(12, tokens=400)
+    H = accumulate_hessian(None, X)
+    counts = [1, 2, 24 // group_size - 1]
+    ref = prune_levels(H, W, group_size, counts, PrunerOptions(num_rounds=2))
+    fast = prune_levels(H, W, group_size, counts, PrunerOptions(num_rounds=2, solve_dtype=torch.float32))
+    for (kept, W_kept), (kept32, W_kept32) in zip(ref, fast, strict=True):
+        assert torch.equal(kept, kept32)
+        assert float((W_kept - W_kept32).norm() / W_kept.norm()) <= 1e-4
+    rows = _rows(ref[0][0], group_size)
+    assert refit_kept_rows(H, W, rows, 0.01, dtype=torch.float32).dtype == torch.float32

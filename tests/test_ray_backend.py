@@ -1,4 +1,4 @@
-"""Ray fitness backend: same numbers as the serial evaluator, worker deaths survived, clear connection errors.
+"""Ray fitness backend: same numbers (and I/O) as the serial evaluator, worker deaths survived, clear errors.
 
 One real local Ray instance (2 CPUs) serves the whole module; the run directory comes from a real smoke run.
 """
@@ -6,6 +6,7 @@ One real local Ray instance (2 CPUs) serves the whole module; the run directory 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from tests.conftest import smoke_args
 from tyr.cluster import RayEvaluator, RayWorkerPool, _worker_device
 from tyr.config import RunConfig, from_dict
 from tyr.errors import TyrError
+from tyr.search.batch import Batch
 from tyr.search.evaluator import SerialEvaluator
 from tyr.search.evolution import run_generation, sample_offspring
 from tyr.search.scheduling import WorkQueue, genome_distance
@@ -135,7 +137,7 @@ def _candidates(space, n: int, seed: int) -> list[tuple[int, ...]]:
     return [start, *sample_offspring(start, space, np.random.default_rng(seed), n, 2)]
 
 
-BATCHES = [np.arange(8), np.array([1, 4, 6]), np.array([0, 2])]
+BATCHES = [Batch(range(8)), Batch((1, 4, 6)), Batch((0, 2)), Batch((1, 5), 20)]  # the last: 20-token prefixes
 
 
 # -- unit: no Ray needed ---------------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ def test_one_worker_matches_serial_values_and_search(ray_run, reference, tmp_pat
         cfg, run_dir, run_dir / "iter-1" / "supernet", num_workers=1, num_cpus_per_worker=CPUS_PER_WORKER
     )
     try:
+        _assert_same_io(cfg, run_dir, reference, evaluator, tmp_path)  # first: a fresh worker
         space = reference.spaces[1]
         genomes = _candidates(space, 8, seed=1)
         for indices in BATCHES:
@@ -207,6 +210,42 @@ def test_two_workers_match_serial_values_and_search(ray_run, reference, pool2, t
     _assert_same_search(cfg, reference, evaluator, tmp_path)
     evaluator.close()  # a shared pool stays up
     assert all(slot.actor is not None for slot in pool2.slots)
+
+
+def _history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_same_io(cfg, run_dir, reference, ray_fitness, tmp_path):
+    """One fresh worker moves exactly what a fresh serial evaluator does, generation by generation: the
+    same variant bytes, teacher bytes and swaps (same nearest-genome order), and no hashing (the driver's
+    build verified the files; here: `verify` first)."""
+    from tyr.run import evolution_config
+
+    reference.close()  # the serial evaluator below gets the dense model
+    store = SupernetStore.open(run_dir / "iter-1" / "supernet")
+    store.verify()
+    s = reference.session
+    serial = SerialEvaluator(
+        s.model, s.adapter, store, reference.targets, s.calibration, mode=cfg.search.realisation,
+        batch_size=cfg.search.batch_size,
+    )  # fmt: skip
+    space, evo = reference.spaces[1], evolution_config(cfg, 3)
+    shape = {"num_sequences": reference.targets.num_sequences, "seq_len": reference.targets.seq_len}
+
+    def search(fitness, name):
+        d = tmp_path / f"io-{name}"
+        evolve(space, evo, fitness, (0,) * len(space.genes), seed=3, state_path=d / "state.json",
+               history_path=d / "h.jsonl", identity={}, **shape)  # fmt: skip
+        return [(h["parent"], h["io"]) for h in _history(d / "h.jsonl")]
+
+    with torch_threads(1):
+        want = search(serial, "serial")
+    serial.close()
+    got = search(ray_fitness, "ray")
+    assert got == want
+    assert all(io["num_variant_files_hashed"] == 0 and io["num_genes_swapped"] > 0 for _, io in got)
+    assert want[0][1]["variant_bytes_read"] > 0 and want[0][1]["teacher_bytes_read"] > 0
 
 
 def _assert_same_search(cfg, reference, ray_fitness, tmp_path):
@@ -245,6 +284,15 @@ def _assert_same_search(cfg, reference, ray_fitness, tmp_path):
         want.parent_fitness,
         want.best_history,
     )
+    # the workers' counters, summed: nothing hashed (the driver verified), every batch's rows read by at
+    # least one worker and at most once per worker
+    ray_io = [h["io"] for h in _history(tmp_path / "ray" / "h.jsonl")]
+    serial_io = [h["io"] for h in _history(tmp_path / "serial" / "h.jsonl")]
+    num_workers = len(ray_fitness.stats.workers)
+    for got_io, want_io in zip(ray_io, serial_io, strict=True):
+        assert got_io["num_variant_files_hashed"] == want_io["num_variant_files_hashed"] == 0
+        assert want_io["teacher_bytes_read"] <= got_io["teacher_bytes_read"]
+        assert got_io["teacher_bytes_read"] <= num_workers * want_io["teacher_bytes_read"]
 
 
 @pytest.mark.slow
@@ -308,6 +356,13 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
         got, want = read(out, f"iter-{it}/result.json"), read(serial_dir, f"iter-{it}/result.json")
         assert got["genome"] == want["genome"] and got["centres"] == want["centres"]
         assert got["fitness"] == pytest.approx(want["fitness"], rel=1e-6)  # serial ran with 2 threads
+        # every history line carries the generation's I/O, summed over the workers; no file is hashed
+        # during a search in either backend (the build verified every file)
+        for run in (out, serial_dir):
+            ios = [h["io"] for h in _history(run / f"iter-{it}" / "search" / "history.jsonl")]
+            assert ios and all(
+                io["num_variant_files_hashed"] == 0 and io["num_genes_swapped"] > 0 for io in ios
+            )
 
 
 # -- Ray: fault tolerance ----------------------------------------------------------------------------------------

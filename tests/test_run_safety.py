@@ -107,12 +107,21 @@ def test_leftovers_of_a_killed_run_are_swept_and_the_first_gene_resumes(run_copy
     assert run.read_architecture() == architecture
 
 
-def test_overwritten_teacher_targets_are_found_on_resume(run_copy, tiny_assets, capsys):
-    targets = RunDir(run_copy).teacher_dir / "targets.safetensors"
-    data = bytearray(targets.read_bytes())
+def test_damaged_teacher_targets_are_found_and_recomputed(run_copy, tiny_assets, capsys):
+    run = RunDir(run_copy)
+    targets = run.teacher_dir / "targets.safetensors"
+    original = targets.read_bytes()
+    data = bytearray(original)
     data[-8:] = b"\x00\x3c" * 4  # valid fp16 ones: only the hash can tell
     targets.write_bytes(bytes(data))
-    assert "sha256" in _error(capsys, smoke_args(tiny_assets, run_copy))
+    capsys.readouterr()
+    assert main(smoke_args(tiny_assets, run_copy)) == 0
+    err = capsys.readouterr().err
+    assert "teacher targets are damaged" in err and "sha256" in err
+    assert targets.read_bytes() == original  # recomputed: the same model and tokens give the same bytes
+    (run.teacher_dir / "meta.json").write_text('{"form')  # unreadable metadata: recomputed too
+    assert main(smoke_args(tiny_assets, run_copy)) == 0
+    assert targets.read_bytes() == original
 
 
 @pytest.mark.parametrize("entry", ["../../../../../../etc/passwd", "/etc/passwd", "fifo"])
@@ -174,6 +183,10 @@ def test_base_weights_changed_in_place_are_refused_on_resume(tiny_assets, tmp_pa
     weights[name] = weights[name] * 1.01
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     assert "model_weights_sha256 differs" in _error(capsys, args)
+    assert "model_weights_sha256 differs" in _error(
+        capsys, ["export", str(out), "--out", str(tmp_path / "e")]
+    )
+    assert not (tmp_path / "e").exists()
 
 
 def _break_config(run, key, value):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from tyr.errors import TyrError
+from tyr.search.batch import Batch, stage_batch
+from tyr.search.counters import IOCounters
 from tyr.search.evolution import (
     EvolutionConfig,
     Stage,
@@ -66,19 +68,21 @@ def true_loss(genome) -> float:
 
 
 class SyntheticFitness:
-    """Weighted distance to the hidden optimum plus noise seeded by (genome, sequences), never by call order."""
+    """Weighted distance to the hidden optimum plus noise seeded by (genome, batch), never by call order."""
 
     def __init__(self, noise: float = 0.3):
         self.noise = noise
         self.calls = 0
 
-    def __call__(self, genomes, sequence_indices):
+    def __call__(self, genomes, batch):
         self.calls += 1
-        idx = np.asarray(sequence_indices, dtype=np.int64)
+        assert isinstance(batch, Batch)
+        idx = np.asarray(batch.sequences, dtype=np.int64)
         assert np.all(np.diff(idx) > 0), "sequence indices must be sorted and distinct"
+        seed = idx.tolist() if batch.num_positions is None else (idx.tolist(), batch.num_positions)
         out = []
         for g in genomes:
-            h = hashlib.sha256(repr((tuple(g), idx.tolist())).encode()).digest()
+            h = hashlib.sha256(repr((tuple(g), seed)).encode()).digest()
             noise = np.random.default_rng(int.from_bytes(h[:8], "little")).normal() / math.sqrt(len(idx))
             out.append(true_loss(g) + self.noise * noise)
         return out
@@ -214,15 +218,16 @@ def test_run_generation_best_of_last_stage_and_accounting():
     fit = SyntheticFitness()
     calls = []
 
-    def recording(genomes, idx):
-        vals = fit(genomes, idx)
-        calls.append((list(genomes), idx.copy(), vals))
+    def recording(genomes, batch):
+        vals = fit(genomes, batch)
+        calls.append((list(genomes), batch, vals))
         return vals
 
     parent = (0,) * 12
     res = run_generation(parent, space, CONFIG, recording, make_rng(5), num_sequences=10, seq_len=128)
     assert [len(c[0]) for c in calls] == [12, 6, 4]  # parent joins only the last stage
-    assert [len(c[1]) for c in calls] == [2, 8, 10]  # ceil(tokens/seq_len), capped at num_sequences
+    assert [len(c[1].sequences) for c in calls] == [2, 8, 10]  # ceil(tokens/seq_len), capped at num_sequences
+    assert all(c[1].num_positions is None for c in calls)  # whole sequences
     assert parent not in calls[0][0] and calls[2][0][-1] == parent
     last_genomes, _, last_vals = calls[2]
     assert res.parent == last_genomes[int(np.argmin(last_vals))]
@@ -232,6 +237,77 @@ def test_run_generation_best_of_last_stage_and_accounting():
     # survivors of stage 1 are the best of stage 0
     order = select_survivors(calls[0][2], 6)
     assert calls[1][0] == [calls[0][0][i] for i in order]
+
+
+def test_a_stage_shorter_than_a_sequence_scores_a_prefix_of_the_same_draw():
+    """Stage tokens below seq_len score a prefix of one sequence; the RNG draws are those of whole sequences."""
+    a, b = make_rng(3), make_rng(3)
+    prefix, whole = stage_batch(a, 48, 10, 128), stage_batch(b, 128, 10, 128)
+    assert prefix == Batch(whole.sequences, 48) and whole.num_positions is None
+    assert prefix.num_tokens(128) == 48 and whole.num_tokens(128) == 128
+    assert a.bit_generator.state == b.bit_generator.state
+    assert stage_batch(make_rng(3), 300, 10, 128) == Batch(stage_batch(make_rng(3), 384, 10, 128).sequences)
+
+    config = EvolutionConfig(num_generations=1, num_offspring=6, stages=(Stage(3, 64), Stage(1, 256)))
+    seen = []
+
+    def recording(genomes, batch):
+        seen.append(batch)
+        return SyntheticFitness()(genomes, batch)
+
+    res = run_generation(
+        (0,) * 12, make_space(), config, recording, make_rng(5), num_sequences=10, seq_len=128
+    )
+    assert [(len(bt.sequences), bt.num_positions) for bt in seen] == [(1, 64), (2, None)]
+    assert res.num_tokens_evaluated == 6 * 64 + 4 * 256
+
+
+def test_batch_values():
+    assert Batch(np.array([3, 1])).sequences == (3, 1)  # arrays in, a hashable tuple kept
+    assert Batch((1, 2), 5) == Batch.from_json(Batch((1, 2), 5).to_json())
+    assert Batch((1,)).positions(32) == 32 and Batch((1,), 8).positions(32) == 8
+    for bad in [
+        dict(sequences=()),
+        dict(sequences=(1,), num_positions=0),
+        dict(sequences=(1,), num_positions=1.5),
+    ]:
+        with pytest.raises(TyrError):
+            Batch(**bad)
+    with pytest.raises(TyrError, match="positions"):
+        Batch((1,), 64).positions(32)
+
+
+class CountingIO(SyntheticFitness):
+    """A backend with I/O counters: one file hashed on its first call only, fixed costs per candidate."""
+
+    def __init__(self):
+        super().__init__()
+        self.io_counters = IOCounters()
+
+    def __call__(self, genomes, batch):
+        first = IOCounters(num_variant_files_hashed=7) if self.calls == 0 else IOCounters()
+        per = IOCounters(variant_bytes_read=10, teacher_bytes_read=1, num_genes_swapped=2)
+        self.io_counters = (
+            self.io_counters + first + IOCounters(*(len(genomes) * v for v in per.to_json().values()))
+        )
+        return super().__call__(genomes, batch)
+
+
+def test_history_lines_carry_each_generations_io(tmp_path):
+    config = EvolutionConfig(num_generations=3, num_offspring=6, stages=(Stage(3, 128), Stage(1, 512)))
+    kw = dict(num_sequences=8, seq_len=128)
+    evolve(
+        make_space(), config, CountingIO(), (0,) * 12, 1, tmp_path / "s.json", tmp_path / "h.jsonl", {}, **kw
+    )
+    ios = [json.loads(line)["io"] for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert [io["num_variant_files_hashed"] for io in ios] == [7, 0, 0]  # only in the first generation
+    assert all(io["variant_bytes_read"] == 10 * 10 and io["num_genes_swapped"] == 2 * 10 for io in ios)
+    assert set(ios[0]) == {
+        "variant_bytes_read",
+        "num_variant_files_hashed",
+        "teacher_bytes_read",
+        "num_genes_swapped",
+    }
 
 
 def test_parent_kept_when_children_worse():

@@ -1,12 +1,14 @@
 """The Ray side of a run: connecting to a cluster, the long-lived worker actors and what each one loads.
 
 Fitness evaluation follows the protocol of `tyr.search.evaluator.SerialEvaluator`
-(`__call__(genomes, sequence_indices) -> list[float]`); `RayEvaluator` spreads it over actors, one per worker
-slot. Each actor loads the model and the calibration tokens itself from the run's config
-(`tyr.pipeline.open_session`), opens the teacher targets and the iteration's supernet from the run directory
-(which must be on storage every node reads at the same path) and holds a `SerialEvaluator`, so it swaps only
-the genes that change between two candidates. Per call only small integer genomes and the stage's sequence
-indices travel; tokens, targets and variants never do.
+(`__call__(genomes, batch) -> list[float]`); `RayEvaluator` spreads it over actors, one per worker slot. Each
+actor loads the model and the calibration tokens itself from the run's config (`tyr.pipeline.open_session`),
+opens the teacher targets and the iteration's supernet from the run directory (which must be on storage every
+node reads at the same path) and holds a `SerialEvaluator`, so it swaps only the genes that change between two
+candidates, keeps the supernet resident when it fits and reads a batch's teacher rows once. Its store checks
+file sizes only: the driver verified every file's sha256. Per call only small integer genomes and the batch
+(sequence indices, positions) travel; tokens, targets and variants never do. A worker returns its I/O
+counters with its results, and the driver sums them (`RayEvaluator.io_counters`).
 
 What each worker does next is decided by `tyr.search.scheduling.WorkQueue` (nearest-genome work pulling,
 duplicates once, results in candidate order); this module owns the actors' lifecycle: start, set-up,
@@ -27,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tyr.config import RunConfig, to_dict
 from tyr.errors import TyrError
 from tyr.rundir import RunDir
+from tyr.search.batch import Batch, as_batch
+from tyr.search.counters import IOCounters
 from tyr.search.scheduling import WorkQueue
 from tyr.search.space import Genome
 
@@ -188,7 +190,7 @@ class _Worker:
         if self.evaluator is not None:
             self.evaluator.close()  # back to dense before another supernet's variants are applied
             self.evaluator, self.supernet = None, None
-        store = SupernetStore.open(supernet_dir)
+        store = SupernetStore.open(supernet_dir, hash_files=False)  # the driver verified the files
         if store.fingerprint_hash != fingerprint_hash:
             raise TyrError(
                 f"the supernet at {supernet_dir} seen from host {socket.gethostname()} is not the driver's "
@@ -203,6 +205,9 @@ class _Worker:
             self.session.calibration,
             mode=se.realisation,
             batch_size=se.batch_size,
+            variant_cache_bytes=se.variant_cache_bytes,
+            # an auto cache assumes every worker of the pool shares this machine's memory
+            host_memory_share=0.5 / max(int(self.spec.get("num_workers", 1)), 1),
         )
         self.supernet = (supernet_dir, fingerprint_hash)
 
@@ -225,16 +230,19 @@ class _Worker:
 
     # ---- work ----------------------------------------------------------------------------------------------
     def evaluate(
-        self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], indices: list[int]
-    ) -> list[float]:
+        self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], batch: dict
+    ) -> dict:
+        """{"values": fitness per genome (in the given order, which the scheduler chose), "io": this call's
+        I/O counters}."""
         self.setup(supernet_dir, fingerprint_hash)
-        idx = np.asarray(indices, dtype=np.int64)
+        fitness_batch = Batch.from_json(batch)
+        before = self.evaluator.io_counters
         out = []
         for i, genome in enumerate(genomes):
             if i == min(1, len(genomes) - 1):
                 self._maybe_fault()
-            out.extend(self.evaluator([tuple(int(v) for v in genome)], idx))
-        return out
+            out.extend(self.evaluator.evaluate([tuple(int(v) for v in genome)], fitness_batch))
+        return {"values": out, "io": (self.evaluator.io_counters - before).to_json()}
 
     def _maybe_fault(self) -> None:
         """Test hook: SIGKILL this actor's own process mid-call when the fault file exists (removed first)."""
@@ -248,11 +256,9 @@ class _Worker:
 
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def noop(
-        self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], indices: list[int]
-    ) -> list[float]:
+    def noop(self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], batch: dict) -> dict:
         """Scheduling + transfer only (benchmarks): what a call costs without an evaluation."""
-        return [0.0] * len(genomes)
+        return {"values": [0.0] * len(genomes), "io": IOCounters().to_json()}
 
 
 def _dispatch_over_gpus(model):
@@ -363,9 +369,11 @@ class RayWorkerPool:
             "run_dir": str(self.run_dir),
             "num_threads": self.num_threads,
             "num_gpus": self.num_gpus,
+            "num_workers": num_workers,
             "fault_file": fault_file,
         }
         self.stats = RayStats()
+        self.io = IOCounters()  # summed over the workers' completed calls
         self._closed = False
         self._last_error = ""
         self._started_ray = connect(address, verbose=verbose)
@@ -496,16 +504,16 @@ class RayWorkerPool:
         supernet_dir: str | os.PathLike,
         fingerprint_hash: str,
         genomes: Sequence[Genome],
-        sequence_indices: np.ndarray,
+        batch: Batch,
         method: str = "evaluate",
     ) -> list[float]:
-        """Fitness of each genome on `sequence_indices` (candidate order), spread over the workers."""
+        """Fitness of each genome on `batch` (candidate order), spread over the workers."""
         if self._closed:
             raise TyrError("this Ray evaluator is closed")
         ray = _ray()
         t0 = time.perf_counter()
         supernet = (str(Path(supernet_dir).resolve()), fingerprint_hash)
-        indices = [int(i) for i in np.asarray(sequence_indices).reshape(-1)]
+        payload_batch = as_batch(batch).to_json()
         queue = WorkQueue(genomes, max_attempts=self.max_retries + 1)
         in_flight: dict[Any, tuple[_Slot, int, list[int]]] = {}
         setups = self._setup_refs(supernet)
@@ -518,7 +526,7 @@ class RayWorkerPool:
                         break
                     chunk = queue.take_chunk(slot.tail, self._num_ready(), PIPELINE_DEPTH)
                     payload = [list(queue.unique[c]) for c in chunk]
-                    ref = getattr(slot.actor, method).remote(*supernet, payload, indices)
+                    ref = getattr(slot.actor, method).remote(*supernet, payload, payload_batch)
                     in_flight[ref] = (slot, slot.generation, chunk)
                     slot.in_flight += 1
                     slot.tail = queue.unique[chunk[-1]]
@@ -536,7 +544,7 @@ class RayWorkerPool:
                     continue
                 slot, generation, chunk = in_flight.pop(ref)
                 try:
-                    values = ray.get(ref)
+                    result = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     raise self._task_error(slot, e) from None
                 except _crash_errors() as e:
@@ -547,7 +555,8 @@ class RayWorkerPool:
                 if generation == slot.generation:
                     slot.in_flight -= 1
                     slot.consecutive_failures = 0
-                queue.complete(chunk, values)
+                queue.complete(chunk, result["values"])
+                self.io = self.io + IOCounters.from_json(result["io"])
             setups.update(self._setup_refs(supernet))
             self._check_not_all_retired()
 
@@ -616,7 +625,7 @@ def _crash_errors() -> tuple[type[BaseException], ...]:
 
 
 class RayEvaluator:
-    """The fitness protocol of `SerialEvaluator` (`__call__(genomes, sequence_indices) -> list[float]`) on Ray.
+    """The fitness protocol of `SerialEvaluator` (`__call__(genomes, batch) -> list[float]`) on Ray.
 
     With `pool=None` it starts (and on `close` kills) its own workers; with a shared `RayWorkerPool` (see
     `ray_evaluator_factory`) `close` leaves the workers running for the next supernet.
@@ -661,13 +670,19 @@ class RayEvaluator:
                 self.pool.close()
             raise
         self.num_evaluations = 0
+        self._io_base = self.pool.io
 
     @property
     def stats(self) -> RayStats:
         return self.pool.stats
 
-    def __call__(self, genomes: Sequence[Genome], sequence_indices: np.ndarray) -> list[float]:
-        values = self.pool.evaluate(self.supernet_dir, self.fingerprint_hash, genomes, sequence_indices)
+    @property
+    def io_counters(self) -> IOCounters:
+        """The workers' I/O for this evaluator's calls, summed."""
+        return self.pool.io - self._io_base
+
+    def __call__(self, genomes: Sequence[Genome], batch: Batch) -> list[float]:
+        values = self.pool.evaluate(self.supernet_dir, self.fingerprint_hash, genomes, batch)
         self.num_evaluations += len(genomes)
         return values
 

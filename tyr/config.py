@@ -73,6 +73,17 @@ class SupernetConfig:
     mlp_rounds: int | None = 16  # official code: channels in 16 equal rounds
     batch_size: int = 8  # sequences per forward chunk while capturing activations
     storage_dtype: str = "auto"  # dtype of stored variants; auto = the model's dtype
+    # Where the build keeps the calibration hidden states (not run identity: every mode builds the same
+    # supernet). host: host RAM, pinned on a GPU, and the device holds one batch_size chunk at a time, so
+    # device memory does not grow with data.num_sequences (a second pass recomputes each projection input);
+    # disk: a memory-mapped file in offload_dir (host RAM stays flat too); none: everything on the model's
+    # device (the fastest; the paper's 8B setting needs ~191 GiB there). auto (default): host on a GPU,
+    # none on the CPU (where the "device" is host RAM anyway and none saves the second pass).
+    offload: Literal["auto", "host", "disk", "none"] = "auto"
+    offload_dir: str | None = None  # folder for offload=disk's file; None = RUN/iter-N/supernet-offload/
+    hessian_tf32: bool = False  # TF32 matmuls for the Hessians (CUDA only; changes the numbers slightly)
+    # dtype of the local pruner's solves: float32 is the fast path on GPUs with a low float64 rate
+    solve_dtype: Literal["float64", "float32"] = "float64"
 
 
 @dataclass
@@ -96,6 +107,10 @@ class SearchConfig:
     max_level_distance: int | None = None
     owl_lambda: float = 0.08  # OWL: layer sparsities spread over [s - lambda, s + lambda]
     owl_threshold: float = 5.0  # OWL: a score is an outlier above threshold x its layer's mean score
+    # Bytes of supernet variants a fitness backend keeps loaded (per process; not run identity: it changes
+    # only I/O). None = auto: the whole iteration's supernet when it fits in half the available host memory
+    # (shared by the Ray workers of a machine), else an LRU of that size.
+    variant_cache_bytes: int | None = None
 
 
 @dataclass
@@ -184,6 +199,7 @@ class RunConfig:
         for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
             _at_least(f"search.{name}", getattr(se, name), 1)
         _at_least("search.max_level_distance", se.max_level_distance, 1)
+        _at_least("search.variant_cache_bytes", se.variant_cache_bytes, 0)
         if not (0.0 <= se.owl_lambda < 1.0) or se.owl_threshold <= 0:
             raise TyrError(
                 f"search.owl_lambda must be in [0, 1) and search.owl_threshold > 0, got {se.owl_lambda} and "
@@ -276,6 +292,12 @@ def _validate_supernet(sn: SupernetConfig) -> None:
         _at_least(f"supernet.{name}", getattr(sn, name), 1)
     _at_least("supernet.damp", sn.damp, 0)
     _check_dtype("supernet.storage_dtype", sn.storage_dtype)
+    if sn.offload_dir is not None and (
+        not sn.offload_dir.strip() or Path(sn.offload_dir).expanduser().is_file()
+    ):
+        raise TyrError(
+            f"supernet.offload_dir must name a folder (it may not exist yet), got {sn.offload_dir!r}"
+        )
 
 
 def _validate_stages(se: SearchConfig) -> None:
@@ -465,7 +487,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp in (int, float, str, bool) and (
         not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     ):
-        raise TyrError(f"{where} must be {tp.__name__}, got {value!r}")
+        kind = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[tp]
+        raise TyrError(f"{where} must be {kind}, got {value!r}")
     return value
 
 
@@ -538,7 +561,16 @@ def _deep_merge(a: dict, b: dict) -> dict:
 # run's identity, so a run may be resumed with other values. Dotted keys name one setting of a section.
 # The held-out evaluation (data.eval*) is measured after the search and recorded in final/metrics.json with
 # a hash of its tokens; changing it re-measures a finished run instead of orphaning it.
-IDENTITY_EXCLUDED = ("backend", "data.eval", "data.eval_config", "data.eval_split", "data.num_eval_sequences")
+IDENTITY_EXCLUDED = (
+    "backend",
+    "data.eval",
+    "data.eval_config",
+    "data.eval_split",
+    "data.num_eval_sequences",
+    "supernet.offload",
+    "supernet.offload_dir",
+    "search.variant_cache_bytes",
+)
 
 
 def identity_dict(cfg: Any) -> dict:

@@ -21,6 +21,7 @@ yourself) to see its INFO lines.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LOGGER_NAME = "tyr"
@@ -87,3 +88,15 @@ def progress_bars(quiet: bool = False) -> bool:
     """Whether to draw progress bars: not with `--quiet`, and only when stderr (where tqdm draws) is a terminal."""
     isatty = getattr(sys.stderr, "isatty", None)
     return not quiet and isatty is not None and isatty()
+
+
+def silence_library_bars() -> None:
+    """No progress bars from huggingface_hub and transformers either (loading and saving weights): the
+    environment switch for libraries not imported yet, their own switches for those already imported."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None:
+        hub.utils.disable_progress_bars()
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.utils.logging.disable_progress_bar()

@@ -231,20 +231,22 @@ class _Sampled(AllocationMethod):
 
         from tyr.io import sha256_text
         from tyr.search.baselines import matched_budget
+        from tyr.search.batch import Batch
         from tyr.search.sampled import sampled_search
 
         cfg, iteration = ctx.session.cfg, ctx.iteration
         num_sequences, seq_len = ctx.session.calibration.shape
-        evaluations, per_evaluation = matched_budget(
+        evaluations, per_evaluation, positions = matched_budget(
             ctx.evolution_config(ctx.num_generations), num_sequences, seq_len
         )
         if ctx.num_generations == 0 or evaluations == 0:
             return Allocation(ctx.centre, None, 0, 0)
         rng = np.random.default_rng([cfg.seed, iteration])
         indices = np.sort(rng.choice(num_sequences, size=per_evaluation, replace=False)).astype(np.int64)
+        batch = Batch(tuple(indices), positions)
         ctx.log(
             f"iteration {iteration}: {self.name} search, {evaluations} evaluations on a fixed batch of "
-            f"{per_evaluation} x {seq_len} tokens (the evolution's budget)"
+            f"{per_evaluation} x {batch.positions(seq_len)} tokens (the evolution's budget)"
         )
         started = time.perf_counter()
 
@@ -263,12 +265,12 @@ class _Sampled(AllocationMethod):
                 sampler=self.sampler,
                 num_evaluations=evaluations,
                 batch_size=cfg.search.num_offspring,
-                indices=indices,
+                indices=batch,
                 seed=cfg.seed + iteration,
                 journal_path=ctx.run.journal_path(iteration),
                 history_path=ctx.run.history_path(iteration),
                 identity=sha256_text(ctx.identity()),
-                tokens_per_evaluation=per_evaluation * seq_len,
+                tokens_per_evaluation=batch.num_tokens(seq_len),
                 on_batch=on_batch,
             )
         finally:

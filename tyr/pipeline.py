@@ -14,7 +14,7 @@ import torch
 from tyr.config import RunConfig, dump_yaml, identity_dict
 from tyr.data import TextSource, calibration_tokens, evaluation_tokens
 from tyr.errors import TyrError
-from tyr.io import sha256_json, sha256_tensor
+from tyr.io import atomic_write_json, sha256_json, sha256_tensor, sha256_text
 from tyr.model_hash import folder_sha256, local_folder
 from tyr.models import (
     ResolvedModel,
@@ -25,12 +25,12 @@ from tyr.models import (
     resolve_dtype,
     resolve_model,
 )
-from tyr.rundir import RunDir
-from tyr.supernet.builder import BuildPlan, BuildReport, build_supernet
+from tyr.rundir import RunDir, build_ledger_path, offload_dir
+from tyr.supernet.builder import BuildPlan, BuildReport, Offload, build_supernet
 from tyr.supernet.families import ModelAdapter, adapter_for
 from tyr.supernet.ladder import Ladder, centre_for_sparsity, make_ladder, step_units
 from tyr.supernet.pruner import PrunerOptions
-from tyr.supernet.store import SupernetStore
+from tyr.supernet.store import MANIFEST, SupernetStore
 from tyr.supernet.variant import genes_of
 
 logger = logging.getLogger(__name__)
@@ -168,15 +168,38 @@ def plan_ladders(
 def build_plan(cfg: RunConfig, ladders: list[Ladder]) -> BuildPlan:
     sn = cfg.supernet
     storage = None if sn.storage_dtype == "auto" else resolve_dtype(sn.storage_dtype, torch.device("cpu"))
+    solve = getattr(torch, sn.solve_dtype)
     return BuildPlan(
         ladders=ladders,
         accumulation=sn.accumulation,
         criterion=sn.criterion,
-        attn_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.attn_rounds),
-        mlp_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.mlp_rounds),
+        attn_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.attn_rounds, solve),
+        mlp_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.mlp_rounds, solve),
         batch_size=sn.batch_size,
         storage_dtype=storage,
+        hessian_tf32=sn.hessian_tf32,
     )
+
+
+def build_offload(cfg: RunConfig, directory: Path, device: torch.device) -> Offload:
+    """Where the build of the supernet in `directory` keeps its hidden states (supernet.offload).
+
+    `disk` writes into RUN/iter-N/supernet-offload/ (swept by the next command if a build is killed), or into
+    a folder of its own inside supernet.offload_dir, named after the supernet so that a rerun replaces it.
+    """
+    sn = cfg.supernet
+    if sn.offload_dir is not None and sn.offload != "disk":
+        logger.warning("supernet.offload_dir has no effect unless supernet.offload=disk")
+    if sn.hessian_tf32 and device.type != "cuda":
+        logger.warning(f"supernet.hessian_tf32 has no effect on {device.type}: TF32 is a CUDA setting")
+    if sn.offload == "auto":
+        return Offload("none" if device.type == "cpu" else "host")
+    if sn.offload != "disk":
+        return Offload(sn.offload)
+    if sn.offload_dir is None:
+        return Offload("disk", offload_dir(directory))
+    name = f"tyr-offload-{sha256_text(str(Path(directory).resolve()))[:16]}"
+    return Offload("disk", Path(sn.offload_dir).expanduser() / name)
 
 
 def supernet_fingerprint(session: Session, ladders: list[Ladder]) -> dict:
@@ -204,6 +227,9 @@ def build_iteration_supernet(
     """Build (or resume) one iteration's supernet around per-gene `centres` (units removed)."""
     steps = iteration_steps(session.adapter, session.cfg, iteration)
     ladders = plan_ladders(session.adapter, centres, steps, session.cfg.supernet.num_levels)
+    ledger_path = build_ledger_path(directory)
+    if not (Path(directory) / MANIFEST).is_file():  # a build from scratch: the store accepts only its files
+        ledger_path.unlink(missing_ok=True)
     store = SupernetStore.create_or_resume(directory, supernet_fingerprint(session, ladders), force=force)
     report = build_supernet(
         session.model,
@@ -212,7 +238,10 @@ def build_iteration_supernet(
         build_plan(session.cfg, ladders),
         store,
         progress=progress,
+        offload=build_offload(session.cfg, Path(directory), session.device),
     )
+    num_sequences, seq_len = session.calibration.shape
+    atomic_write_json(ledger_path, {"num_sequences": num_sequences, "seq_len": seq_len, **report.ledger})
     return store, report
 
 

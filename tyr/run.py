@@ -8,6 +8,7 @@ and ends with the same result as an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,21 +102,33 @@ def fitness_backend(
             mode=cfg.search.realisation,
             batch_size=cfg.search.batch_size,
             progress=progress,
+            variant_cache_bytes=cfg.search.variant_cache_bytes,
         )
 
     return serial, (lambda: None)
 
 
 def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress: bool) -> TeacherTargets:
-    """Dense top-K logits of the calibration set, computed once per run."""
+    """Dense top-K logits of the calibration set, computed once per run.
+
+    Resuming, the stored sha256 is checked once per command (it reads the whole file: ~5 min for the 206 GB of
+    the paper setting). Damaged targets (changed bytes, unreadable metadata) are recomputed, with a warning:
+    they are derived data, and the same model and tokens give the same targets.
+    """
     tokens_sha = sha256_tensor(session.calibration)
     if (directory / "meta.json").is_file():
-        # Resuming: the stored sha256 is checked once per command (reads the whole file, ~5 min for the
-        # 206 GB of the paper setting), so overwritten targets are never searched on silently.
-        targets = TeacherTargets.open(directory, verify=True)
-        if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
-            return targets
-        raise TyrError(f"{directory} holds teacher targets for other data; delete it or use --force")
+        try:
+            targets = TeacherTargets.open(directory, verify=True)
+        except TyrError as e:
+            logger.warning(f"the teacher targets are damaged ({e}); recomputing them")
+            shutil.rmtree(directory)
+        else:
+            if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
+                return targets
+            raise TyrError(
+                f"the calibration tokens differ from those the teacher targets in {directory} were computed on "
+                "(did the data source change?); restore the data, or start a new run in another --out"
+            )
     logger.info(
         f"teacher: top-{session.cfg.search.topk} logits of {tuple(session.calibration.shape)} calibration tokens"
     )

@@ -4,7 +4,8 @@
 RUN/.tyr-run                        marker: this folder was written by Tyr (format, Tyr version)
 RUN/config.yaml                     the run's identity (resolved config minus settings that cannot change results)
 RUN/teacher/                        dense top-K targets of the calibration set
-RUN/iter-N/supernet/                iteration N's supernet (manifest.json + variants)
+RUN/iter-N/supernet/                iteration N's supernet (manifest.json + variants, build.json: device memory)
+RUN/iter-N/supernet-offload/        hidden states of a running build with supernet.offload=disk (temporary)
 RUN/iter-N/search/                  state.json, history.jsonl (and optuna.journal for sampled methods)
 RUN/iter-N/allocation.json          how a one-shot method chose (OWL's ratios, ...)
 RUN/iter-N/result.json              iteration N's chosen genome, fitness and the next iteration's centres
@@ -40,6 +41,8 @@ MARKER = ".tyr-run"
 LOCK = ".lock"
 MARKER_FORMAT = 1
 CONFIG = "config.yaml"
+BUILD_LEDGER = "build.json"
+OFFLOAD_SUFFIX = "-offload"
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,14 @@ class RunDir:
 
     def manifest_path(self, iteration: int) -> Path:
         return self.supernet_dir(iteration) / "manifest.json"
+
+    def build_ledger_path(self, iteration: int) -> Path:
+        """The device-memory ledger of the command that last built iteration N's supernet."""
+        return build_ledger_path(self.supernet_dir(iteration))
+
+    def offload_dir(self, iteration: int) -> Path:
+        """Where a build of iteration N's supernet keeps offloaded hidden states (removed when it ends)."""
+        return offload_dir(self.supernet_dir(iteration))
 
     def search_dir(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "search"
@@ -174,11 +185,10 @@ class RunDir:
             raise TyrError(
                 f"{self.path} is not a Tyr run directory (no {CONFIG}); pass the --out folder of `tyr run`"
             )
-        try:
-            data = yaml.safe_load(self.config_path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise TyrError(f"{self.config_path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
+        from tyr.config import load_yaml  # one-line messages for unreadable, non-UTF-8 or invalid YAML
+
+        data = load_yaml(self.config_path)
+        if not data:
             raise TyrError(f"{self.config_path} does not hold a run config")
         return data
 
@@ -286,7 +296,8 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
-            self.sweep_temporary_files()
+            if self.is_tyr_folder():  # never delete anything in a folder Tyr did not write
+                self.sweep_temporary_files()
             yield self
         finally:
             if created_lock and not self.marker_path.is_file():  # refused before the run was opened:
@@ -299,11 +310,17 @@ class RunDir:
 
     def sweep_temporary_files(self) -> list[Path]:
         """Remove what killed writers left behind: `.<name>.*.tmp` files of atomic writes (a killed teacher
-        pass leaves one as large as the targets). Only under the lock: no live writer can own them."""
+        pass leaves one as large as the targets) and the offload folders of killed supernet builds (as large
+        as the calibration set's hidden states). Only under the lock: no live writer can own them."""
         swept = []
         for path in self.path.rglob(".*.tmp"):
             if path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
+                swept.append(path)
+        for iteration in self.iterations():
+            path = self.offload_dir(iteration)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
                 swept.append(path)
         if swept:
             logger.warning(
@@ -323,7 +340,7 @@ class RunDir:
             raise TyrError(f"--out {self.path} is a file, not a folder; choose another --out")
         if not self.path.is_dir() or not self._children():
             return "new"
-        if self.config_path.is_file():
+        if self.config_path.is_file() and self.is_tyr_folder():
             difference = config_difference(self.read_config(), identity_text)
             if difference is None:
                 return "resume"
@@ -390,10 +407,11 @@ class RunDir:
                 for grandchild in child.iterdir():
                     check_folder_link(grandchild)
 
-    def check_inputs(self, inputs: dict) -> None:
+    def check_inputs(self, inputs: dict, record: bool = True) -> None:
         """Record `inputs` (content hashes) on the first command; later commands must see the same ones.
 
-        A value of None (could not be computed) is neither recorded over an old one nor compared."""
+        A value of None (could not be computed) is neither recorded over an old one nor compared. Commands
+        that only read the run (export, eval) pass `record=False`."""
         stored = read_json(self.inputs_path)
         stored = stored if isinstance(stored, dict) else {}
         for key, value in inputs.items():
@@ -405,7 +423,7 @@ class RunDir:
                     "run (another --out, or --force to discard this one)"
                 )
         merged = {**stored, **{k: v for k, v in inputs.items() if v is not None}}
-        if merged != stored:
+        if record and merged != stored:
             atomic_write_json(self.inputs_path, merged)
 
     # ---- writing -------------------------------------------------------------------------------------------
@@ -430,6 +448,18 @@ class RunDir:
                 "method": selection.method,
             },
         )
+
+
+def build_ledger_path(supernet_dir: Path) -> Path:
+    """The device-memory ledger (`build.json`) of the supernet in `supernet_dir`."""
+    return Path(supernet_dir) / BUILD_LEDGER
+
+
+def offload_dir(supernet_dir: Path) -> Path:
+    """The default folder for the offloaded hidden states of a build of the supernet in `supernet_dir`: beside
+    it (RUN/iter-N/supernet-offload/), outside the supernet so that its manifest never sees the files."""
+    supernet_dir = Path(supernet_dir)
+    return supernet_dir.parent / f"{supernet_dir.name}{OFFLOAD_SUFFIX}"
 
 
 def check_folder_link(path: Path) -> None:

@@ -74,6 +74,7 @@ def load_run_model(final: RunFinal, device: str | None = "cpu"):
     """(dense model as the run used it, tokenizer, resolved model, adapter, variants of the final genome)."""
     from tyr import pipeline
     from tyr.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+    from tyr.rundir import RunDir
     from tyr.supernet.families import adapter_for
     from tyr.supernet.store import SupernetStore
     from tyr.supernet.variant import genes_of
@@ -82,6 +83,10 @@ def load_run_model(final: RunFinal, device: str | None = "cpu"):
     dev = resolve_device(device or cfg.model.device)
     dtype = _torch_dtype(final.dtype) or resolve_dtype(cfg.model.dtype, dev)
     resolved = resolve_model(cfg.model.name)
+    # the variants were fitted to the base weights the run began with: refuse weights changed in place since
+    RunDir(final.run).check_inputs(
+        {"model_weights_sha256": pipeline.base_weights_sha256(resolved)}, record=False
+    )
     model = load_model(resolved, dtype, dev)
     if cfg.model.num_layers is not None:
         pipeline._truncate_layers(model, cfg.model.num_layers)
