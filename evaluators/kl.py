@@ -7,6 +7,11 @@ through the inverse map id -> column of U (see `logits_at_indices`, which also f
 projection when U covers most of the vocabulary and to per-position dot products when K is tiny).
 Both distributions are renormalised over the K entries (log-softmax over K), which makes the
 estimate exact when K equals the vocabulary size.
+
+Devices: input ids go to the input embedding's device (`model_device`); everything combined with the model's
+output follows the hidden states it meets. A model spread over several GPUs ends on the last one while its
+embedding sits on the first, and a tied output head stays with the embedding: the final hidden states go to the
+head's weight (`head_input`), and teacher targets and labels go where the hidden states then are.
 """
 
 from __future__ import annotations
@@ -27,10 +32,20 @@ _DIRECT_GATHER_RATIO = 256
 
 # --------------------------------------------------------------------------------------------- helpers
 def model_device(model) -> torch.device:
+    """Where input ids go: the input embedding's device (the first GPU of a model spread over several; the
+    compute device of a model whose blocks are kept in host RAM)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is not None and hasattr(embedding, "weight"):
+        return embedding.weight.device
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - parameterless model
         return torch.device("cpu")
+
+
+def head_input(h: torch.Tensor, head) -> torch.Tensor:
+    """The final hidden states on the output head's device (a no-op unless the model is spread over devices)."""
+    return h.to(head.weight.device)
 
 
 def base_and_head(model):
@@ -131,6 +146,7 @@ def logits_at_indices(
     n, k = indices.shape
     vocab = _vocab_size(head)
     weight = head.weight
+    h, indices = h.to(weight.device), indices.to(weight.device)  # no-ops unless the caller's are elsewhere
     bias = getattr(head, "bias", None)
     out = torch.empty((n, k), dtype=torch.float32, device=h.device)
     num_u = vocab
@@ -173,10 +189,11 @@ def logits_at_indices(
 def _kl_batch(base, head, ids, t_values, t_indices, logit_budget, method="auto") -> torch.Tensor:
     """Sum of per-token sparse KL over one batch (float32 on the device, returned as CPU float64)."""
     _check_index_range(t_indices, _vocab_size(head))
-    h = hidden_states(base, ids)
-    # the targets go where the last block's output is (not always the embedding's device: a model spread
-    # over several GPUs ends elsewhere); a no-op when they are there already
-    t_values, t_indices = t_values.to(h.device), t_indices.to(h.device)
+    h = head_input(hidden_states(base, ids), head)
+    # the targets follow the hidden states (not the embedding's device: a model spread over several GPUs
+    # ends elsewhere); no-ops when they are there already
+    t_values = t_values.to(h.device, non_blocking=True)
+    t_indices = t_indices.to(h.device, non_blocking=True)
     b, t, d = h.shape
     k = t_indices.shape[-1]
     idx = t_indices.reshape(b * t, k).long()
@@ -218,7 +235,7 @@ def sparse_kl(
     """Mean per-token sparse top-K KL(teacher || model) over all N*T positions.
 
     tokens (N, T) int; teacher_values (N, T, K) raw teacher logits (any float dtype); teacher_indices
-    (N, T, K) token ids.  Targets may live on the CPU; each batch is moved to the model's device.
+    (N, T, K) token ids.  Targets may live on the CPU; each batch is moved to where the model's output is.
     `method` chooses how the candidate's logits at the K ids are computed (see `logits_at_indices`).
     """
     base, head = base_and_head(model)
@@ -231,8 +248,7 @@ def sparse_kl(
     with torch.inference_mode():
         for s, e in iter_batches(n, batch_size, progress, "sparse KL"):
             ids = tokens[s:e].to(device)
-            tv = teacher_values[s:e].to(device, non_blocking=True)
-            ti = teacher_indices[s:e].to(device, non_blocking=True)
+            tv, ti = teacher_values[s:e], teacher_indices[s:e]
             total += _kl_batch(base, head, ids, tv, ti, logit_budget, method)
     return float(total / (n * t))
 
@@ -296,7 +312,7 @@ def sparse_kl_targets(
             sel = rows[s:e]
             tv, ti = targets.get(sel, num_positions)
             ids = tokens[sel, :positions].to(device)
-            total += _kl_batch(base, head, ids, tv.to(device), ti.to(device), logit_budget, method)
+            total += _kl_batch(base, head, ids, tv, ti, logit_budget, method)
     return float(total / (len(rows) * positions))
 
 
@@ -311,6 +327,6 @@ def full_kl(model, tokens: torch.Tensor, teacher_logits_full: torch.Tensor, batc
     with torch.inference_mode():
         for s, e in iter_batches(n, batch_size, False, ""):
             logits = model(input_ids=tokens[s:e].to(device), use_cache=False).logits
-            kl = sparse_kl_from_logits(logits, teacher_logits_full[s:e].to(device))
+            kl = sparse_kl_from_logits(logits, teacher_logits_full[s:e].to(logits.device))
             total += kl.sum().cpu().double()
     return float(total / (n * t))

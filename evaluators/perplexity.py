@@ -11,6 +11,7 @@ from tyr.evaluators.kl import (
     DEFAULT_LOGIT_BUDGET,
     base_and_head,
     check_tokens,
+    head_input,
     hidden_states,
     iter_batches,
     model_device,
@@ -39,11 +40,11 @@ def nll_sum_and_count(
     total = torch.zeros((), dtype=torch.float64)
     with torch.inference_mode():
         for s, e in iter_batches(n, batch_size, progress, "perplexity"):
-            ids = tokens[s:e].to(device)
-            h = hidden_states(base, ids)[:, :-1]
+            ids = tokens[s:e].to(device)  # (B, T) on the embedding's device
+            h = head_input(hidden_states(base, ids)[:, :-1], head)  # (B, T-1, D) on the head's device
             d = h.shape[-1]
             h = h.reshape(-1, d)
-            targets = ids[:, 1:].reshape(-1)
+            targets = ids[:, 1:].reshape(-1).to(h.device)  # the labels follow the hidden states
             for a in range(0, h.shape[0], chunk):
                 b = min(a + chunk, h.shape[0])
                 logits = head(h[a:b]).float()

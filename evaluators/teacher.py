@@ -23,6 +23,7 @@ from tyr.evaluators.kl import (
     DEFAULT_LOGIT_BUDGET,
     base_and_head,
     check_tokens,
+    head_input,
     hidden_states,
     iter_batches,
     model_device,
@@ -40,7 +41,7 @@ _ST_DTYPES = {"values": "F16", "indices": "I32"}
 
 # -------------------------------------------------------------------------------------------- compute
 def _topk_batch(base, head, ids: torch.Tensor, k: int, logit_budget: int):
-    h = hidden_states(base, ids)
+    h = head_input(hidden_states(base, ids), head)  # (B, T, D) on the head's device
     b, t, d = h.shape
     h = h.reshape(b * t, d)
     vocab = int(head.weight.shape[0])

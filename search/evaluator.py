@@ -153,7 +153,10 @@ class SerialEvaluator:
         if self._rows is None or self._rows[0] != key:
             self._rows = None  # free the previous batch's rows before reading the next
             values, indices = self.targets.get(batch.sequences, positions)
-            values, indices = place_targets(values, indices, model_device(self.model))
+            # beside the logits they meet: the head's device (the last GPU of a balanced model)
+            head = self.model.get_output_embeddings()
+            device = head.weight.device if head is not None else model_device(self.model)
+            values, indices = place_targets(values, indices, device)
             self._rows = (key, values, indices)
         return self._rows[1], self._rows[2]
 

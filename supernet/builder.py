@@ -17,6 +17,9 @@ pass 2. Recomputed inputs are bitwise equal to captured ones, so every offload m
 Resume: a finished gene is read back from the store instead of rebuilt (only pass 2 runs for it); its expected
 weight is computed from the stored tensors in both cases, so a resumed build is bitwise identical to an
 uninterrupted one. A `DeviceLedger` records the bytes held on the device per gene and phase (`build.json`).
+
+Placement: the compute device is the input embedding's. Blocks kept in host RAM (`model.placement: offload`) are
+lent to it one at a time, for their two genes; blocks spread over several GPUs (`balanced`) run where they are.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tyr.supernet.hidden import HiddenStore, open_hidden_store
 from tyr.supernet.ladder import Ladder
 from tyr.supernet.ledger import DeviceLedger, nbytes
 from tyr.supernet.pruner import PrunerOptions, working_bytes
+from tyr.supernet.realise import on_device
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.units import unit_rows
 from tyr.supernet.variant import Variant
@@ -143,9 +147,12 @@ def build_supernet(
         context = _block_context(model, hidden)
         bar = tqdm(range(adapter.num_layers), desc="supernet", unit="block", disable=not progress)
         for i in bar:
-            for kind, run_module in _gene_modules(adapter.layer(i), *context):
-                bar.set_postfix_str(f"block {i} {kind}")
-                _process_gene(adapter, ladders[(i, kind)], run_module, hidden, plan, store, report, ledger)
+            with _block_on(adapter.layer(i), device, ledger) as layer:
+                for kind, run_module in _gene_modules(layer, *context):
+                    bar.set_postfix_str(f"block {i} {kind}")
+                    _process_gene(
+                        adapter, ladders[(i, kind)], run_module, hidden, plan, store, report, ledger
+                    )
     report.seconds = time.perf_counter() - start
     report.ledger = {"offload": offload.mode, "batch_size": plan.batch_size, **ledger.summary()}
     return report
@@ -166,20 +173,42 @@ def _block_context(model: nn.Module, hidden: HiddenStore) -> tuple[tuple, torch.
     return position_embeddings, _causal_mask(model, seq_len, like)
 
 
+@contextlib.contextmanager
+def _block_on(layer: nn.Module, device: torch.device, ledger: DeviceLedger) -> Iterator[nn.Module]:
+    """The block, ready for its genes: a block kept in host RAM while the compute device is an accelerator
+    (`model.placement: offload`) is lent to the device for its two genes and given back after; a block that
+    lives on a device already (single, balanced) stays where it is."""
+    home = next(layer.parameters()).device
+    if home.type != "cpu" or device.type == "cpu":
+        yield layer
+        return
+    with on_device(layer, device):
+        ledger.hold("block", sum(nbytes(t) for t in (*layer.parameters(), *layer.buffers())))
+        yield layer
+    ledger.release("block")
+
+
 def _gene_modules(
     layer: nn.Module, position_embeddings: tuple, mask: torch.Tensor | None
 ) -> list[tuple[str, RunModule]]:
-    """The block's two genes, each with a function that runs its module on a chunk of hidden states."""
+    """The block's two genes, each with a function that runs its module on a chunk of hidden states.
+
+    The chunk goes to the block's device (a model spread over several GPUs keeps every block on its own one);
+    the projection inputs and outputs then live there, and `_propagate` adds the output back where the chunk is.
+    """
+    device = next(layer.parameters()).device
+    position_embeddings = tuple(t.to(device) for t in position_embeddings)
+    mask = mask.to(device) if mask is not None else None
 
     def attention(x: torch.Tensor) -> None:
         layer.self_attn(
-            hidden_states=layer.input_layernorm(x),
+            hidden_states=layer.input_layernorm(x.to(device)),
             position_embeddings=position_embeddings,
             attention_mask=mask,
         )
 
     def mlp(x: torch.Tensor) -> None:
-        layer.mlp(layer.post_attention_layernorm(x))
+        layer.mlp(layer.post_attention_layernorm(x.to(device)))
 
     return [("attn", attention), ("mlp", mlp)]
 
@@ -300,7 +329,7 @@ def _propagate(
             out = F.linear(x, weight, bias)  # (B, T, d)
             staged = 0 if hidden.on_device else nbytes(h) + nbytes(x)
             ledger.hold("chunk", staged + nbytes(out))
-            hidden.put(i, h.add_(out))
+            hidden.put(i, h.add_(out.to(h.device)))  # from the block's device (balanced placement)
             ledger.release("chunk")
     ledger.release("inputs", "expected_weight")
 

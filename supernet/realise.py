@@ -11,11 +11,17 @@ Two modes:
   re-slicing always start from the dense weights.
 
 The two modes compute the same function (up to float rounding); ``restore_dense`` is bitwise exact in both.
+
+Placement (``model.placement``): every slice is taken on the dense module's own device and every re-fitted weight
+is put there, so a model spread over several GPUs gets each compact module beside the block it replaces, and a
+model whose blocks live in host RAM (offload) gets compact modules in host RAM too; `on_device` lends a block,
+dense or compact, to the compute device while it runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -28,6 +34,43 @@ from tyr.supernet.variant import Gene, Variant, genes_of
 
 Mode = Literal["masked", "compact"]
 MODES: tuple[Mode, Mode] = ("masked", "compact")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """True when `a` and `b` name the same device; ``cuda`` without an index matches any CUDA device."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Lend `module` (a decoder block kept in host RAM, ``model.placement: offload``) to `device` for a while.
+
+    Device copies of its parameters and buffers take their places; on exit the originals come back, untouched:
+    nothing is copied back, because forward passes and the supernet build only read weights (realise genomes
+    outside this context). The originals stay where they live, so a `Realiser` keeps slicing them in place, and
+    whatever children the module holds at entry (dense or compact) travel with it. A tensor shared by two
+    submodules gets one copy; tensors already on `device` are not copied.
+    """
+    device = torch.device(device)
+    swapped: list[tuple[dict, str, torch.Tensor]] = []  # (owner's table, name, original)
+    copies: dict[int, torch.Tensor] = {}
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or same_device(tensor.device, device):
+                    continue
+                if id(tensor) not in copies:
+                    moved = tensor.detach().to(device, non_blocking=True)
+                    if isinstance(tensor, nn.Parameter):
+                        moved = nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                    copies[id(tensor)] = moved
+                swapped.append((table, name, tensor))
+                table[name] = copies[id(tensor)]
+    try:
+        yield module
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool = False) -> nn.Linear:
@@ -218,6 +261,7 @@ class Realiser:
         self.genes: list[Gene] = genes_of(self.adapter.num_layers)
         self.keys: list[str | None] = [None] * len(self.genes)
         self.swaps = 0
+        self._check_real_weights()
         if mode == "compact":
             self._check_compact_supported()
         # compact: the dense modules, to put back and to slice from
@@ -230,6 +274,16 @@ class Realiser:
         # taken when a gene is first overwritten
         self._dense_out: dict[int, torch.Tensor] = {}
         self._dense_bias: dict[int, nn.Parameter | None] = {}
+
+    def _check_real_weights(self) -> None:
+        """Slices are taken from the dense weights where they live; accelerate's disk/CPU offload leaves
+        placeholders (meta tensors) in the blocks instead, which cannot be sliced."""
+        for i in range(self.adapter.num_layers):
+            if any(p.device.type == "meta" for p in self.adapter.layer(i).parameters()):
+                raise TyrError(
+                    f"block {i} has no weights in memory (meta tensors: offloaded by accelerate); load the model "
+                    "with model.placement single, balanced or offload (Tyr's own), not an accelerate offload map"
+                )
 
     def _check_compact_supported(self) -> None:
         config = self.model.config

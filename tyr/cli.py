@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 import threading
@@ -37,7 +38,7 @@ _FLAG_KEYS = {
 }
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (optional; flags and --set override it)")
     p.add_argument("--model", help="local HF folder, hub id, or built-in alias smollm2-135m")
     p.add_argument(
@@ -55,7 +56,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--criterion", help="local pruning criterion: tyr (default), magnitude, wanda-sp, flap")
     p.add_argument("--schedule", help="preset the config starts from: paper, cpu (default) or smoke")
-    p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -64,8 +64,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set supernet.accumulation=none (repeatable)",
     )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    _add_config_options(p)
+    p.add_argument("--out", required=True, help="run directory (re-running the same command resumes)")
     p.add_argument(
-        "--force", action="store_true", help="discard an existing run in --out that has another config"
+        "--force",
+        action="store_true",
+        help="discard a run with another config in --out (only a folder Tyr wrote is ever deleted)",
     )
 
 
@@ -111,6 +118,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     run(cfg, args.out, force=args.force, progress=logs.progress_bars(args.quiet), verbose=args.verbose)
     done = RunDir(args.out)
     print(f"[tyr] done: {done.architecture_path}, {done.metrics_path}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a run with this config needs, per phase (estimates from the model's shapes)."""
+    from tyr.plan import HARDWARE, Budget, format_plan, make_plan
+
+    for name in ("gpu_memory", "host_memory", "disk"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise TyrError(f"--{name.replace('_', '-')} must be a positive number of GB, got {value}")
+    if args.gpu not in HARDWARE:
+        raise TyrError(f"unknown --gpu {args.gpu!r}; choose one of {', '.join(HARDWARE)}")
+    default_memory = HARDWARE[args.gpu].memory_gb or None
+    budget = Budget(args.gpu_memory or default_memory, args.host_memory, args.disk)
+    plan = make_plan(_config_from_args(args), args.gpu, budget, num_gpus=args.gpus)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -160,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="run directory")
     report.add_argument("--out", help="folder for report.md and plots/ (default: the run directory)")
     report.set_defaults(func=cmd_report)
+    plan = sub.add_parser(
+        "plan",
+        help="device memory, host RAM, disk and time per phase of a run, from the model's shapes alone",
+        description="What `tyr run` with the same config and flags would need (estimates; no weights, no data).",
+    )
+    _add_config_options(plan)
+    plan.add_argument("--gpu", default="h100", help="h100 (default), a100, mi250 or cpu: rates for the times")
+    plan.add_argument("--gpu-memory", type=float, help="GB of memory per GPU (default: the --gpu's)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs per process (with model.placement=balanced)")
+    plan.add_argument("--host-memory", type=float, help="GB of host RAM (checked when given)")
+    plan.add_argument("--disk", type=float, help="GB of free disk for the run directory (checked when given)")
+    plan.add_argument("--json", action="store_true", help="one JSON object: phases, totals, fits, advice")
+    plan.set_defaults(func=cmd_plan)
     from tyr.evaluate import add_eval_parser
     from tyr.export import add_export_parser
 
@@ -195,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(logs.level_for(args.log_level, args.quiet, args.verbose))
+    if not logs.progress_bars(args.quiet):
+        logs.silence_library_bars()
     previous = _on_sigterm(_terminate)
     try:
         return args.func(args)
@@ -204,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         print(f"\ntyr: {what}{where}; re-run the same command to resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except BrokenPipeError:  # `tyr plan | head`: the reader left; no message, no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         return _report_error(e, args)
     finally:

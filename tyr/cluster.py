@@ -165,6 +165,7 @@ class _Worker:
         multi_gpu = num_gpus > 1 and torch.cuda.device_count() > 1
         if multi_gpu:  # load on the CPU, then spread the blocks over this actor's GPUs
             cfg.model.device = "cpu"
+            cfg.model.placement = "single"  # the spreading below is this worker's placement
             if cfg.model.dtype == "auto":
                 cfg.model.dtype = "bfloat16"  # what `auto` gives on one GPU
         session = pipeline.open_session(cfg, progress=False)
@@ -262,14 +263,12 @@ class _Worker:
 
 
 def _dispatch_over_gpus(model):
-    """Spread a model's decoder blocks over all visible GPUs (accelerate); not exercised without 2+ GPUs."""
-    from accelerate import dispatch_model, infer_auto_device_map
+    """Spread a model's decoder blocks evenly over this actor's GPUs (`model.placement: balanced`'s map, not
+    accelerate's default, which fills GPU 0 first and leaves it no room for compact copies); the same code as
+    a balanced driver, tested with mock devices on the CPU, never run on GPUs."""
+    from tyr.models import dispatch_balanced, gpu_devices
 
-    block = type(model.model.layers[0]).__name__
-    device_map = infer_auto_device_map(
-        model, no_split_module_classes=[block], dtype=next(model.parameters()).dtype
-    )
-    return dispatch_model(model, device_map=device_map).eval()
+    return dispatch_balanced(model, gpu_devices()).eval()
 
 
 _ACTOR_CLASS = None

@@ -31,6 +31,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     num_layers: int | None = None  # keep only the first N blocks (quick checks and smoke tests); None = all
+    # Where the weights live (not run identity; tyr/models.py): single = all on `device`; balanced = the decoder
+    # blocks spread evenly over every visible GPU; offload = weights in host RAM, one block at a time lent to
+    # `device` (a 70B model's build and teacher pass on one 80 GB GPU; fitness is slow: a copy per block per batch).
+    placement: Literal["single", "balanced", "offload"] = "single"
 
 
 @dataclass
@@ -258,6 +262,8 @@ def _check_dtype(where: str, name: str) -> None:
 
 def _validate_model(m: ModelConfig) -> None:
     _check_dtype("model.dtype", m.dtype)
+    if m.placement not in ("single", "balanced", "offload"):
+        raise TyrError(f"model.placement must be one of single, balanced, offload, got {m.placement!r}")
     _at_least("model.num_layers", m.num_layers, 1)
 
 
@@ -567,6 +573,7 @@ IDENTITY_EXCLUDED = (
     "data.eval_config",
     "data.eval_split",
     "data.num_eval_sequences",
+    "model.placement",
     "supernet.offload",
     "supernet.offload_dir",
     "search.variant_cache_bytes",

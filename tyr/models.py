@@ -1,4 +1,15 @@
-"""Resolve `--model` (local folder, hub id or built-in alias) and load model + tokenizer."""
+"""Resolve `--model` (local folder, hub id or built-in alias) and load model + tokenizer, placed on the devices.
+
+Placement (`model.placement`), not part of a run's identity:
+
+* ``single``: the whole model on `model.device`.
+* ``balanced``: the decoder blocks spread over the visible GPUs by `balanced_device_map` (embedding first, final
+  norm + head last, every block whole on one GPU, about an equal share of the bytes on each), loaded straight
+  onto them; accelerate's hooks move the activations at block boundaries.
+* ``offload``: the weights stay in host RAM, except the embedding, rotary table, final norm and head, which go
+  to `model.device`; every forward lends each block to the device while it runs (`offload_blocks`), and the
+  supernet build lends one block at a time for its two genes. The device holds one block and the activations.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +18,16 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 
 from tyr.errors import TyrError
+from tyr.supernet.realise import on_device, same_device
 
 SMOLLM2_ALIAS = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,9 +93,32 @@ def resolve_model(source: str) -> ResolvedModel:
     return ResolvedModel(source, source, source)
 
 
-def load_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device):
-    """Load a causal LM in eval mode from safetensors weights only; TyrError when they cannot be read, do not
-    match config.json, or a hub id cannot be fetched."""
+def load_model(
+    resolved: ResolvedModel,
+    dtype: torch.dtype,
+    device: torch.device,
+    placement: str = "single",
+    devices: Sequence[torch.device] | None = None,
+):
+    """Load a causal LM in eval mode from safetensors weights only, placed by `placement` (module docstring);
+    TyrError when the weights cannot be read, do not match config.json, or a hub id cannot be fetched.
+
+    `device` is the compute device (single, offload); `devices` the GPUs a balanced model is spread over
+    (default: every visible GPU). A placement that cannot take effect (offload or balanced on the CPU, balanced
+    on one device) warns and loads as single.
+    """
+    placement = resolve_placement(placement, device, devices)
+    if placement == "balanced":
+        devices = list(devices) if devices is not None else gpu_devices()
+        device_map = balanced_device_map(_empty_model(resolved, dtype), devices)
+        return _from_pretrained(resolved, dtype, device_map={k: str(v) for k, v in device_map.items()}).eval()
+    model = _from_pretrained(resolved, dtype)
+    if placement == "offload":
+        return offload_blocks(model, device).eval()
+    return model.to(device).eval()
+
+
+def _from_pretrained(resolved: ResolvedModel, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -95,6 +132,7 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device
             use_safetensors=True,  # never unpickle: a .bin checkpoint can run code when loaded
             ignore_mismatched_sizes=True,  # mismatches come back in `info`, refused below
             output_loading_info=True,
+            **kwargs,
         )
     except OSError as e:
         local = Path(resolved.path).is_dir()
@@ -108,7 +146,157 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype, device: torch.device
     finally:
         hf_logging.set_verbosity(verbosity)
     _check_loading_info(resolved, info)
-    return model.to(device).eval()
+    return model
+
+
+def _empty_model(resolved: ResolvedModel, dtype: torch.dtype):
+    """The model's modules with meta tensors (no memory): what `balanced_device_map` needs to size them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolved.path)
+    except OSError as e:
+        raise TyrError(
+            f"cannot load the config of model {resolved.source!r}: {str(e).splitlines()[0]}"
+        ) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- placement
+PLACEMENTS = ("single", "balanced", "offload")
+
+
+def gpu_devices() -> list[torch.device]:
+    """Every GPU this process sees (CUDA_VISIBLE_DEVICES, or what Ray assigned)."""
+    return (
+        [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+
+
+def resolve_placement(
+    placement: str, device: torch.device, devices: Sequence[torch.device] | None = None
+) -> str:
+    """The placement that takes effect on `device` (and `devices`, for balanced); warns when it has none."""
+    if placement not in PLACEMENTS:
+        raise TyrError(f"unknown model.placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+    if placement == "offload" and device.type == "cpu":
+        logger.warning(
+            "model.placement=offload has no effect on the CPU (the weights are in host RAM already)"
+        )
+        return "single"
+    if placement == "balanced":
+        num = len(devices) if devices is not None else (len(gpu_devices()) if device.type != "cpu" else 0)
+        if num < 2:
+            logger.warning(
+                f"model.placement=balanced has no effect with {num} GPU(s): the model is placed on {device}"
+            )
+            return "single"
+    return placement
+
+
+def _decoder(model: nn.Module) -> tuple[nn.Module, str]:
+    """(base transformer, its attribute name) of a HF causal LM whose blocks are at `<base>.layers`."""
+    for name in ("model", getattr(model, "base_model_prefix", "model")):
+        base = getattr(model, name, None)
+        if base is not None and isinstance(getattr(base, "layers", None), nn.ModuleList):
+            return base, name
+    raise TyrError(f"{type(model).__name__} has no decoder blocks at model.layers; it cannot be placed")
+
+
+def _num_bytes(modules: Sequence[nn.Module]) -> int:
+    """Bytes of the parameters and buffers of `modules` (a tensor they share counted once)."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def balanced_device_map(model: nn.Module, devices: Sequence[torch.device | str]) -> dict[str, torch.device]:
+    """Module name -> device, for accelerate: the decoder blocks spread over `devices` in order, each block
+    whole on one device, every device holding about an equal share of the bytes (within about one block).
+
+    The embedding (and the rotary table) go on the first device, the final norm and the output head on the
+    last, counted in their devices' shares; a head tied to the embedding stays with it. Block i goes to the
+    device whose share of the running total holds the middle of its bytes, so the cuts fall evenly however big
+    the embedding and head are. Unlike accelerate's default map, which fills the first GPU before the next,
+    this leaves every GPU the same headroom (compact copies of pruned modules are made next to their block).
+    Works on a model with meta tensors (sizes only).
+    """
+    devices = [torch.device(d) for d in devices]
+    if not devices:
+        raise TyrError("a balanced placement needs at least one device")
+    base, base_name = _decoder(model)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is base.get_input_embeddings().weight
+    ends: dict[str, bool] = {}  # module name -> on the last device (else the first)
+    after_blocks = False
+    for name, child in base.named_children():
+        after_blocks = after_blocks or name == "layers"
+        if name != "layers":  # after the blocks and with weights: the final norm
+            ends[f"{base_name}.{name}"] = after_blocks and any(True for _ in child.parameters())
+    for name, child in model.named_children():
+        if child is not base:
+            ends[name] = not (tied and child is head)
+    blocks = list(base.layers)
+    sizes = [_num_bytes([block]) for block in blocks]
+    lead = _num_bytes([model.get_submodule(n) for n, last in ends.items() if not last])
+    tail = _num_bytes([model.get_submodule(n) for n, last in ends.items() if last])
+    share = (lead + sum(sizes) + tail) / len(devices)
+    device_map = {name: devices[-1] if last else devices[0] for name, last in ends.items()}
+    start = lead
+    for i, size in enumerate(sizes):
+        middle = start + size / 2
+        device_map[f"{base_name}.layers.{i}"] = devices[min(int(middle // share), len(devices) - 1)]
+        start += size
+    return device_map
+
+
+def dispatch_balanced(model: nn.Module, devices: Sequence[torch.device | str]) -> nn.Module:
+    """Spread a loaded model over `devices` by `balanced_device_map` (accelerate's hooks move activations)."""
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=balanced_device_map(model, devices))
+
+
+def offload_blocks(model: nn.Module, device: torch.device) -> nn.Module:
+    """Keep the decoder blocks where they are (host RAM) and put everything else on `device`; every forward
+    pass of a block then runs on a device copy of it, made when the block is called and dropped when it
+    returns (`tyr.supernet.realise.on_device`: the host weights are never written, so a Realiser slices them
+    in place). Costs one host-to-device copy of every block per forward pass (per batch)."""
+    base, _ = _decoder(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    for child in (
+        *(c for c in base.children() if c is not base.layers),
+        *(c for c in model.children() if c is not base),
+    ):
+        child.to(device)
+    for block in base.layers:
+        lender = _BlockLender(device)
+        block.register_forward_pre_hook(lender.lend)
+        block.register_forward_hook(lender.give_back, always_call=True)
+    return model
+
+
+class _BlockLender:
+    """The forward hooks of one offloaded block: lend it to the device before its forward, take it back after
+    (also when the forward raises)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._lent = None
+
+    def lend(self, block: nn.Module, args) -> None:
+        self.give_back(block, args, None)  # a forward that never returned (interrupted) left a copy behind
+        if not same_device(next(block.parameters()).device, self.device):
+            self._lent = on_device(block, self.device)
+            self._lent.__enter__()
+
+    def give_back(self, block: nn.Module, args, output) -> None:
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            lent.__exit__(None, None, None)
 
 
 def _refuse_pickled_weights(resolved: ResolvedModel) -> None:

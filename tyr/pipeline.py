@@ -106,7 +106,7 @@ def open_session(cfg: RunConfig, progress: bool = True) -> Session:
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     resolved = resolve_model(cfg.model.name)
-    model = load_model(resolved, dtype, device)
+    model = load_model(resolved, dtype, device, placement=cfg.model.placement)
     adapter = adapter_for(model)  # refuses unsupported families before any heavy work
     if cfg.model.num_layers is not None:
         _truncate_layers(model, cfg.model.num_layers)
