@@ -1,4 +1,4 @@
-"""Rows of the bad-input matrix (/work/shared/BAD_INPUTS.md) that used to fail late, with a traceback, or not
+"""Rows of the bad-input checklist (benchmarks/bad_inputs.py replays all of it) that used to fail late, with a traceback, or not
 at all: each now fails up front with one `tyr: error:` line, exit code 2, and nothing written.
 
 Every case runs the CLI in-process on the tiny model and fails before the teacher targets, so the file stays fast.
