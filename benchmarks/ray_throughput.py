@@ -149,7 +149,7 @@ def measure(run_dir: Path, num_candidates: int, repeats: int, worker_counts: lis
 
     # no-op costs: in-process call vs one Ray round trip vs one candidate through the scheduler
     worker = _Worker({})
-    payload = [list(g) for g in genomes]
+    payload = [[list(g), 0, 1] for g in genomes]  # work units: [genome, start, stop] of the batch's sequences
     idx_list = Batch(tuple(range(targets.num_sequences))).to_json()
     direct = median_time(lambda: [worker.noop("", "", payload, idx_list) for _ in range(1000)], 3) / 1000
     result["overhead_s"] = {"direct_noop_call": direct}
@@ -183,7 +183,7 @@ def measure_ray(result, cfg, run_dir, supernet_dir, workers, genomes, batches, r
         import ray
 
         actor = pool.slots[0].actor
-        one = [list(genomes[0])]
+        one = [[list(genomes[0]), 0, 1]]
         idx_list = first.to_json()
         ray.get(actor.noop.remote("", "", one, idx_list))
         rtt = median_time(lambda: ray.get(actor.noop.remote("", "", one, idx_list)), 200)

@@ -8,6 +8,11 @@ projection when U covers most of the vocabulary and to per-position dot products
 Both distributions are renormalised over the K entries (log-softmax over K), which makes the
 estimate exact when K equals the vocabulary size.
 
+Reduction: every forward of `batch_size` consecutive sequences gives one float32 KL sum per sequence on the
+device (`sparse_kl_sums`, float64 on the host); the mean is their float64 sum in sequence order over the number
+of positions (`kl_mean`). A sequence's sum depends only on the forward it was in, so any split of the blocks of
+sequences over processes reduces to the same value.
+
 Devices: input ids go to the input embedding's device (`model_device`); everything combined with the model's
 output follows the hidden states it meets. A model spread over several GPUs ends on the last one while its
 embedding sits on the first, and a tied output head stays with the embedding: the final hidden states go to the
@@ -186,8 +191,12 @@ def logits_at_indices(
     return out
 
 
-def _kl_batch(base, head, ids, t_values, t_indices, logit_budget, method="auto") -> torch.Tensor:
-    """Sum of per-token sparse KL over one batch (float32 on the device, returned as CPU float64)."""
+def _kl_sequence_sums(base, head, ids, t_values, t_indices, logit_budget, method="auto") -> torch.Tensor:
+    """Per-sequence sums of the per-token sparse KL over one forward of ids (b, t): (b,) CPU float64.
+
+    The KL and each sequence's sum over its positions are float32 on the device (as every forward computes
+    them); only the b sums are converted, so a sequence's value depends only on the forward it was part of.
+    """
     _check_index_range(t_indices, _vocab_size(head))
     h = head_input(hidden_states(base, ids), head)
     # the targets follow the hidden states (not the embedding's device: a model spread over several GPUs
@@ -198,8 +207,26 @@ def _kl_batch(base, head, ids, t_values, t_indices, logit_budget, method="auto")
     k = t_indices.shape[-1]
     idx = t_indices.reshape(b * t, k).long()
     student = logits_at_indices(h.reshape(b * t, d), head, idx, logit_budget, method)
-    kl = sparse_kl_from_logits(student, t_values.reshape(b * t, k))
-    return kl.sum().cpu().double()
+    kl = sparse_kl_from_logits(student, t_values.reshape(b * t, k))  # (b * t,) float32
+    return kl.reshape(b, t).sum(dim=1).cpu().double()
+
+
+def kl_mean(sequence_sums, num_positions: int) -> float:
+    """Mean per-token KL from per-sequence KL sums (each over `num_positions` positions).
+
+    The sums are added in float64 one after another in the order given (sequence order), so the result depends
+    only on the values and their order, never on where or in which order they were computed: whoever reduces the
+    same sums gets the same bits (the search's serial and distributed backends rely on this).
+    """
+    values = [float(v) for v in sequence_sums]
+    if not values or num_positions < 1:
+        raise TyrError(
+            f"kl_mean needs at least one sequence and position, got {len(values)} x {num_positions}"
+        )
+    total = 0.0
+    for v in values:
+        total += v
+    return total / (len(values) * num_positions)
 
 
 def _check_targets(tokens, values, indices, vocab):
@@ -222,6 +249,37 @@ def _check_index_range(indices: torch.Tensor, vocab: int) -> None:
             )
 
 
+def sparse_kl_sums(
+    model,
+    tokens: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+    logit_budget: int = DEFAULT_LOGIT_BUDGET,
+    method: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence sums over positions of the sparse top-K KL(teacher || model): (N,) float64.
+
+    tokens (N, T) int; teacher_values (N, T, K) raw teacher logits (any float dtype); teacher_indices
+    (N, T, K) token ids. Forwards take `batch_size` consecutive sequences ([0:bs], [bs:2bs], ...): a sequence's
+    value can depend on the forward it shares (batched kernels), so callers that must agree bit for bit use the
+    same blocks. Targets may live on the CPU; each batch is moved to where the model's output is.
+    """
+    base, head = base_and_head(model)
+    vocab = _vocab_size(head)
+    tokens = check_tokens(tokens, vocab)
+    _check_targets(tokens, teacher_values, teacher_indices, vocab)
+    device = model_device(model)
+    sums = []
+    with torch.inference_mode():
+        for s, e in iter_batches(tokens.shape[0], batch_size, progress, "sparse KL"):
+            ids = tokens[s:e].to(device)
+            tv, ti = teacher_values[s:e], teacher_indices[s:e]
+            sums.append(_kl_sequence_sums(base, head, ids, tv, ti, logit_budget, method))
+    return torch.cat(sums)
+
+
 def sparse_kl(
     model,
     tokens: torch.Tensor,
@@ -232,25 +290,14 @@ def sparse_kl(
     logit_budget: int = DEFAULT_LOGIT_BUDGET,
     method: str = "auto",
 ) -> float:
-    """Mean per-token sparse top-K KL(teacher || model) over all N*T positions.
+    """Mean per-token sparse top-K KL(teacher || model) over all N*T positions (`sparse_kl_sums`, `kl_mean`).
 
-    tokens (N, T) int; teacher_values (N, T, K) raw teacher logits (any float dtype); teacher_indices
-    (N, T, K) token ids.  Targets may live on the CPU; each batch is moved to where the model's output is.
     `method` chooses how the candidate's logits at the K ids are computed (see `logits_at_indices`).
     """
-    base, head = base_and_head(model)
-    vocab = _vocab_size(head)
-    tokens = check_tokens(tokens, vocab)
-    _check_targets(tokens, teacher_values, teacher_indices, vocab)
-    device = model_device(model)
-    n, t = tokens.shape
-    total = torch.zeros((), dtype=torch.float64)
-    with torch.inference_mode():
-        for s, e in iter_batches(n, batch_size, progress, "sparse KL"):
-            ids = tokens[s:e].to(device)
-            tv, ti = teacher_values[s:e], teacher_indices[s:e]
-            total += _kl_batch(base, head, ids, tv, ti, logit_budget, method)
-    return float(total / (n * t))
+    sums = sparse_kl_sums(
+        model, tokens, teacher_values, teacher_indices, batch_size, progress, logit_budget, method
+    )
+    return kl_mean(sums.tolist(), tokens.shape[1])
 
 
 def place_targets(
@@ -306,14 +353,14 @@ def sparse_kl_targets(
     if not 1 <= positions <= targets.seq_len:
         raise TyrError(f"num_positions must be in [1, {targets.seq_len}], got {num_positions}")
     device = model_device(model)
-    total = torch.zeros((), dtype=torch.float64)
+    sums = []
     with torch.inference_mode():
         for s, e in iter_batches(len(rows), batch_size, progress, "sparse KL"):
             sel = rows[s:e]
             tv, ti = targets.get(sel, num_positions)
             ids = tokens[sel, :positions].to(device)
-            total += _kl_batch(base, head, ids, tv, ti, logit_budget, method)
-    return float(total / (len(rows) * positions))
+            sums.extend(_kl_sequence_sums(base, head, ids, tv, ti, logit_budget, method).tolist())
+    return kl_mean(sums, positions)
 
 
 def full_kl(model, tokens: torch.Tensor, teacher_logits_full: torch.Tensor, batch_size: int = 4) -> float:

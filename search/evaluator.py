@@ -1,11 +1,16 @@
 """Fitness backends behind one protocol: `evaluate(genomes, batch) -> list[float]` (`tyr.search.batch.Batch`).
 
 `SerialEvaluator` runs in-process on one model (the reference implementation: the Ray backend must give the
-same numbers). Fitness is the sparse top-K KL(dense ‖ candidate) on the batch's calibration tokens.
+same numbers). Fitness is the sparse top-K KL(dense ‖ candidate) on the batch's calibration tokens, computed as
+work units (`tyr.search.scheduling`): a unit is one candidate on one block of `batch_size` consecutive sequences
+of the batch (fixed boundaries, one forward) and gives one float64 KL sum per sequence; the fitness is their sum
+in sequence order over the scored tokens (`tyr.evaluators.kl.kl_mean`). A distributed backend spreads the same
+units over workers (`unit_sums`) and reduces them the same way, so the values are the same bits.
 
 What moves per call, and why it is little:
-- teacher rows: the batch's rows are read once per call (kept for the next call on the same batch) and shared
-  by all its candidates; on a GPU they are moved to the device once, or pinned.
+- teacher rows: each block's rows are read once per call (kept for the next call on the same batch) and shared
+  by all its candidates; on a GPU they are moved to the device once, or pinned. A worker that evaluates only
+  some blocks reads only those.
 - variants: a candidate loads and swaps only the genes whose level differs from the model's current
   realisation, and a call's candidates are taken in nearest-genome order (`nearest_chain`) so consecutive
   candidates differ in few genes. The iteration's supernet stays in the store's cache when it fits
@@ -23,11 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from tyr.errors import TyrError
-from tyr.evaluators.kl import model_device, place_targets, sparse_kl
+from tyr.evaluators.kl import kl_mean, model_device, place_targets, sparse_kl_sums
 from tyr.evaluators.teacher import TeacherTargets
 from tyr.search.batch import Batch, as_batch
 from tyr.search.counters import IOCounters
-from tyr.search.scheduling import nearest_chain
+from tyr.search.scheduling import Block, nearest_chain, unit_blocks
 from tyr.search.space import Genome
 from tyr.supernet.families import ModelAdapter
 from tyr.supernet.realise import Realiser
@@ -73,7 +78,8 @@ class SerialEvaluator:
         # the realised variant per gene (one genome's variants stay referenced, even beyond an LRU's bytes)
         self._applied: list[Variant | None] = [None] * len(self.genes)
         self._levels: list[int | None] = [None] * len(self.genes)
-        self._rows: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, values, indices)
+        self._rows_key: tuple | None = None  # the batch whose rows `_rows` holds: (sequences, positions)
+        self._rows: dict[Block, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (values, indices)
         self._prepared = False
         self._base = self._totals()
 
@@ -95,6 +101,8 @@ class SerialEvaluator:
     def apply(self, genome: Genome) -> None:
         """Realise `genome` on the model, loading and swapping only the genes whose level changed."""
         genome = tuple(int(v) for v in genome)
+        if genome == self.tail:
+            return
         if len(genome) != len(self.genes):
             raise TyrError(f"genome has {len(genome)} genes but the model has {len(self.genes)}")
         variants = [
@@ -131,34 +139,54 @@ class SerialEvaluator:
         return [by_genome[g] for g in genomes]
 
     def evaluate(self, genomes: Sequence[Genome], batch: Batch) -> list[float]:
-        """Fitness of each genome on `batch`, evaluated in the given order (a scheduler chose it)."""
-        if self.targets is None:
-            raise TyrError("this evaluator has no teacher targets: it can only apply genomes")
-        self._prepare()
+        """Fitness of each genome on `batch`, evaluated in the given order (a scheduler chose it): every unit of
+        a genome (its blocks in order), reduced in sequence order."""
         batch = as_batch(batch)
-        values, indices = self._teacher_rows(batch)
-        ids = self.tokens[list(batch.sequences), : values.shape[1]]  # (n, P)
+        self._check_ready()
+        blocks = unit_blocks(len(batch.sequences), self.batch_size)
+        positions = batch.positions(self.targets.seq_len)
         scores = []
         desc = f"candidates x {len(batch.sequences)} seqs"
         for genome in tqdm(genomes, desc=desc, leave=False, disable=not self.progress):
-            self.apply(genome)
-            scores.append(sparse_kl(self.model, ids, values, indices, batch_size=self.batch_size))
+            sums = [v for block in blocks for v in self.unit_sums(genome, batch, block)]
+            scores.append(kl_mean(sums, positions))
             self.num_evaluations += 1
         return scores
 
-    def _teacher_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's teacher rows (values, indices), each (n, P, K): read once, kept until another batch."""
+    def unit_sums(self, genome: Genome, batch: Batch, block: Block) -> list[float]:
+        """One work unit: `genome`'s KL sum over the scored positions of each sequence of
+        `batch.sequences[start:stop]` (one forward), float64, in sequence order."""
+        self._check_ready()
+        start, stop = block
+        if not 0 <= start < stop <= len(batch.sequences) or stop - start > self.batch_size:
+            raise TyrError(
+                f"block [{start}:{stop}] is not a block of {len(batch.sequences)} sequences in forwards of "
+                f"{self.batch_size} (search.batch_size must be the same for every worker)"
+            )
+        self.apply(genome)
+        values, indices = self._block_rows(batch, (start, stop))
+        ids = self.tokens[list(batch.sequences[start:stop]), : values.shape[1]]  # (stop - start, P)
+        return sparse_kl_sums(self.model, ids, values, indices, batch_size=self.batch_size).tolist()
+
+    def _check_ready(self) -> None:
+        if self.targets is None:
+            raise TyrError("this evaluator has no teacher targets: it can only apply genomes")
+        self._prepare()
+
+    def _block_rows(self, batch: Batch, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block's teacher rows (values, indices), each (stop - start, P, K): read once, kept until another
+        batch."""
         positions = batch.positions(self.targets.seq_len)
         key = (batch.sequences, positions)
-        if self._rows is None or self._rows[0] != key:
-            self._rows = None  # free the previous batch's rows before reading the next
-            values, indices = self.targets.get(batch.sequences, positions)
+        if self._rows_key != key:
+            self._rows, self._rows_key = {}, key  # free the previous batch's rows before reading the next
+        if block not in self._rows:
+            values, indices = self.targets.get(batch.sequences[block[0] : block[1]], positions)
             # beside the logits they meet: the head's device (the last GPU of a balanced model)
             head = self.model.get_output_embeddings()
             device = head.weight.device if head is not None else model_device(self.model)
-            values, indices = place_targets(values, indices, device)
-            self._rows = (key, values, indices)
-        return self._rows[1], self._rows[2]
+            self._rows[block] = place_targets(values, indices, device)
+        return self._rows[block]
 
     def close(self) -> None:
         """Give the model back in its dense form and release the held supernet and teacher rows."""
@@ -166,5 +194,5 @@ class SerialEvaluator:
         self._applied = [None] * len(self.genes)
         self._levels = [None] * len(self.genes)
         self.tail = None
-        self._rows = None
+        self._rows, self._rows_key = {}, None
         self.store.clear_cache()

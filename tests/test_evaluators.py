@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from tests.tiny import FAMILIES, random_tokens, tiny_model
 from tyr.errors import TyrError
-from tyr.evaluators.kl import full_kl, logits_at_indices, sparse_kl, sparse_kl_from_logits, sparse_kl_targets
+from tyr.evaluators.kl import (
+    full_kl,
+    kl_mean,
+    logits_at_indices,
+    sparse_kl,
+    sparse_kl_from_logits,
+    sparse_kl_sums,
+    sparse_kl_targets,
+)
 from tyr.evaluators.perplexity import nll_sum_and_count, perplexity
 from tyr.evaluators.teacher import (
     TeacherTargets,
@@ -79,6 +87,34 @@ def test_sparse_kl_zero_for_teacher(teacher, tokens):
     t_logits = full_logits(teacher, tokens)
     v32, i = torch.topk(t_logits, 16, dim=-1)
     assert abs(sparse_kl(teacher, tokens, v32, i)) < 1e-6
+
+
+def test_per_sequence_sums_are_the_work_units_of_the_mean(teacher, student, tokens):
+    """sparse_kl_sums: one float64 sum per sequence (the per-token KL summed over its positions); a block of
+    sequences gives the same bits alone as inside the whole batch (same forwards), and the mean is their
+    float64 sum in sequence order over the tokens."""
+    values, indices = compute_teacher_targets(teacher, tokens, 7)
+    sums = sparse_kl_sums(
+        student, tokens, values, indices, batch_size=2
+    )  # (5,): forwards [0:2], [2:4], [4:5]
+    assert sums.dtype == torch.float64 and sums.shape == (tokens.shape[0],)
+    per_token = sparse_kl_from_logits(
+        full_logits(student, tokens).gather(-1, indices.long()), values
+    )  # (5, T)
+    torch.testing.assert_close(sums, per_token.sum(dim=1).double(), rtol=1e-5, atol=1e-7)
+    for start, stop in ((0, 2), (2, 4), (4, 5)):
+        alone = sparse_kl_sums(
+            student, tokens[start:stop], values[start:stop], indices[start:stop], batch_size=2
+        )
+        assert torch.equal(alone, sums[start:stop])
+    total = 0.0
+    for v in sums.tolist():
+        total += v
+    assert sparse_kl(student, tokens, values, indices, batch_size=2) == total / tokens.numel()
+    assert kl_mean(sums.tolist(), tokens.shape[1]) == total / tokens.numel()
+    assert kl_mean([1.0, 2.0, 4.0], num_positions=2) == 7.0 / 6
+    with pytest.raises(TyrError):
+        kl_mean([], num_positions=3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,14 +5,17 @@ Fitness evaluation follows the protocol of `tyr.search.evaluator.SerialEvaluator
 actor loads the model and the calibration tokens itself from the run's config (`tyr.pipeline.open_session`),
 opens the teacher targets and the iteration's supernet from the run directory (which must be on storage every
 node reads at the same path) and holds a `SerialEvaluator`, so it swaps only the genes that change between two
-candidates, keeps the supernet resident when it fits and reads a batch's teacher rows once. Its store checks
-file sizes only: the driver verified every file's sha256. Per call only small integer genomes and the batch
-(sequence indices, positions) travel; tokens, targets and variants never do. A worker returns its I/O
-counters with its results, and the driver sums them (`RayEvaluator.io_counters`).
+candidates, keeps the supernet resident when it fits and reads each block's teacher rows once. Its store checks
+file sizes only: the driver verified every file's sha256. Per call only small integer genomes, the batch
+(sequence indices, positions) and block boundaries travel; tokens, targets and variants never do.
 
-What each worker does next is decided by `tyr.search.scheduling.WorkQueue` (nearest-genome work pulling,
-duplicates once, results in candidate order); this module owns the actors' lifecycle: start, set-up,
-replacement of a dead actor (its unfinished candidates go back to the queue), shutdown.
+The work is units (`tyr.search.scheduling`): one candidate on one block of `search.batch_size` consecutive
+sequences of the call's batch. A worker returns one float64 KL sum per sequence of each unit, and its I/O
+counters; the driver adds each candidate's sums in sequence order (`kl_mean`, as the serial evaluator does)
+and sums the counters (`RayEvaluator.io_counters`). What each worker does next is decided by
+`tyr.search.scheduling.assign` (home blocks, nearest-genome work pulling, duplicates once); this module owns the
+actors' lifecycle: start, set-up, replacement of a dead actor (its unfinished units go back to the queue),
+shutdown.
 
 See docs/ray.md for cluster usage.
 """
@@ -34,10 +37,11 @@ from tyr.errors import TyrError
 from tyr.rundir import RunDir
 from tyr.search.batch import Batch, as_batch
 from tyr.search.counters import IOCounters
-from tyr.search.scheduling import WorkQueue
+from tyr.search.scheduling import WorkQueue, assign, unit_blocks
 from tyr.search.space import Genome
 
 __all__ = [
+    "ActorPool",
     "RayEvaluator",
     "RayEvaluatorFactory",
     "RayStats",
@@ -230,20 +234,21 @@ class _Worker:
         }
 
     # ---- work ----------------------------------------------------------------------------------------------
-    def evaluate(
-        self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], batch: dict
-    ) -> dict:
-        """{"values": fitness per genome (in the given order, which the scheduler chose), "io": this call's
-        I/O counters}."""
+    def evaluate(self, supernet_dir: str, fingerprint_hash: str, units: list[list], batch: dict) -> dict:
+        """Work units, in the order the scheduler chose: `units` = [[genome, start, stop], ...] (a block of
+        `batch`'s sequences). Returns {"sums": per unit, the float64 KL sum of each sequence of its block,
+        "io": this call's I/O counters}."""
         self.setup(supernet_dir, fingerprint_hash)
         fitness_batch = Batch.from_json(batch)
         before = self.evaluator.io_counters
-        out = []
-        for i, genome in enumerate(genomes):
-            if i == min(1, len(genomes) - 1):
-                self._maybe_fault()
-            out.extend(self.evaluator.evaluate([tuple(int(v) for v in genome)], fitness_batch))
-        return {"values": out, "io": (self.evaluator.io_counters - before).to_json()}
+        sums = []
+        for i, (genome, start, stop) in enumerate(units):
+            genome = tuple(int(v) for v in genome)
+            if i == min(1, len(units) - 1):
+                self.evaluator.apply(genome)
+                self._maybe_fault()  # mid-unit: its genome applied, nothing scored
+            sums.append(self.evaluator.unit_sums(genome, fitness_batch, (int(start), int(stop))))
+        return {"sums": sums, "io": (self.evaluator.io_counters - before).to_json()}
 
     def _maybe_fault(self) -> None:
         """Test hook: SIGKILL this actor's own process mid-call when the fault file exists (removed first)."""
@@ -257,9 +262,9 @@ class _Worker:
 
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def noop(self, supernet_dir: str, fingerprint_hash: str, genomes: list[list[int]], batch: dict) -> dict:
+    def noop(self, supernet_dir: str, fingerprint_hash: str, units: list[list], batch: dict) -> dict:
         """Scheduling + transfer only (benchmarks): what a call costs without an evaluation."""
-        return {"values": [0.0] * len(genomes), "io": IOCounters().to_json()}
+        return {"sums": [[0.0] * (stop - start) for _, start, stop in units], "io": IOCounters().to_json()}
 
 
 def _dispatch_over_gpus(model):
@@ -271,14 +276,13 @@ def _dispatch_over_gpus(model):
     return dispatch_balanced(model, gpu_devices()).eval()
 
 
-_ACTOR_CLASS = None
+_ACTOR_CLASSES: dict[type, Any] = {}
 
 
-def _actor_class():
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        _ACTOR_CLASS = _ray().remote(_Worker)
-    return _ACTOR_CLASS
+def _actor_class(worker_class: type) -> Any:
+    if worker_class not in _ACTOR_CLASSES:
+        _ACTOR_CLASSES[worker_class] = _ray().remote(worker_class)
+    return _ACTOR_CLASSES[worker_class]
 
 
 # -- the driver side ----------------------------------------------------------------------------------------------
@@ -288,6 +292,7 @@ def _actor_class():
 class RayStats:
     calls: int = 0
     evaluations: int = 0  # unique candidates evaluated (duplicates within a call count once)
+    units: int = 0  # work units evaluated (candidate x block of sequences), re-runs after a death included
     chunks: int = 0  # actor calls made
     failures: int = 0  # actor deaths seen
     restarts: int = 0  # replacement actors started
@@ -324,53 +329,45 @@ def _shippable_config(cfg: RunConfig) -> dict:
     return d
 
 
-class RayWorkerPool:
-    """`num_workers` long-lived actors that evaluate candidates of any supernet of one run.
+class ActorPool:
+    """`num_workers` long-lived Ray actors of `worker_class` that evaluate fitness as work units, and their
+    lifecycle (start, set-up, replacement, shutdown); nothing here knows what a worker computes.
 
-    Kept alive across iterations (the model is loaded once per actor); `evaluate` carries the supernet's
-    directory and fingerprint with every call, so an actor swaps supernets (and a restarted actor catches up)
-    by itself.
+    A worker class has `setup(supernet_dir, fingerprint_hash) -> info dict` (pid, host, device, threads,
+    seconds_setup) and `evaluate(supernet_dir, fingerprint_hash, units, batch) -> {"sums", "io"}` (see `_Worker`).
+    `RayWorkerPool` is the pool of real workers; benchmarks use workers that simulate costs.
+
+    Args:
+        spec: what each actor is constructed with.
+        batch_size: sequences per work unit (the workers' forward size: `search.batch_size`).
+        seq_len: the calibration sequences' length (positions scored by a whole-sequence batch).
     """
 
     def __init__(
         self,
-        cfg: RunConfig,
-        run_dir: str | os.PathLike,
+        worker_class: type,
+        spec: dict,
         num_workers: int,
+        *,
+        batch_size: int,
+        seq_len: int,
         address: str | None = None,
         num_cpus_per_worker: float = 1,
         num_gpus_per_worker: float = 0,
         verbose: bool = False,
         max_retries: int = 2,
-        num_threads: int | None = None,
         startup_timeout_s: float = 900.0,
-        fault_file: str | None = None,
     ):
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise TyrError(f"the Ray backend needs num_workers >= 1, got {num_workers!r}")
-        if num_cpus_per_worker < 0 or num_gpus_per_worker < 0:
-            raise TyrError("num_cpus_per_worker and num_gpus_per_worker must be >= 0")
-        if num_gpus_per_worker > 1 and num_gpus_per_worker != int(num_gpus_per_worker):
-            raise TyrError(f"num_gpus_per_worker above 1 must be a whole number, got {num_gpus_per_worker}")
-        if max_retries < 0:
-            raise TyrError(f"max_retries must be >= 0, got {max_retries}")
-        self.run_dir = Path(run_dir).resolve()
-        if not RunDir(self.run_dir).has_teacher():
-            raise TyrError(f"{self.run_dir} holds no teacher targets: not a run directory")
+        _check_pool_options(num_workers, num_cpus_per_worker, num_gpus_per_worker, max_retries)
+        self.worker_class = worker_class
+        self.spec = spec
         self.num_workers = num_workers
+        self.batch_size = int(batch_size)
+        self.seq_len = int(seq_len)
         self.num_cpus = float(num_cpus_per_worker)
         self.num_gpus = float(num_gpus_per_worker)
         self.max_retries = max_retries
         self.startup_timeout_s = startup_timeout_s
-        self.num_threads = int(num_threads) if num_threads else max(1, int(num_cpus_per_worker))
-        self.spec = {
-            "config": _shippable_config(cfg),
-            "run_dir": str(self.run_dir),
-            "num_threads": self.num_threads,
-            "num_gpus": self.num_gpus,
-            "num_workers": num_workers,
-            "fault_file": fault_file,
-        }
         self.stats = RayStats()
         self.io = IOCounters()  # summed over the workers' completed calls
         self._closed = False
@@ -407,7 +404,7 @@ class RayWorkerPool:
             "max_restarts": 0,  # replaced by the pool itself, so the new actor is set up before it gets work
             "max_task_retries": 0,
         }
-        slot.actor = _actor_class().options(**options).remote(self.spec)
+        slot.actor = _actor_class(self.worker_class).options(**options).remote(self.spec)
         slot.generation += 1
         slot.ready_ref = None
         slot.tail = None
@@ -506,63 +503,62 @@ class RayWorkerPool:
         batch: Batch,
         method: str = "evaluate",
     ) -> list[float]:
-        """Fitness of each genome on `batch` (candidate order), spread over the workers."""
+        """Fitness of each genome on `batch` (candidate order): its units spread over the workers, each
+        candidate's per-sequence sums reduced in sequence order."""
         if self._closed:
             raise TyrError("this Ray evaluator is closed")
         ray = _ray()
         t0 = time.perf_counter()
         supernet = (str(Path(supernet_dir).resolve()), fingerprint_hash)
-        payload_batch = as_batch(batch).to_json()
-        queue = WorkQueue(genomes, max_attempts=self.max_retries + 1)
-        in_flight: dict[Any, tuple[_Slot, int, list[int]]] = {}
+        batch = as_batch(batch)
+        positions = batch.positions(self.seq_len)
+        payload_batch = batch.to_json()
+        queue = WorkQueue(genomes, unit_blocks(len(batch.sequences), self.batch_size), self.max_retries + 1)
+        in_flight: dict[Any, tuple[_Slot, int, list]] = {}
         setups = self._setup_refs(supernet)
 
         while queue.pending or in_flight:
-            free = self._free_slots()
-            while queue.pending and free:  # one call per free worker per round, until each has PIPELINE_DEPTH
-                for slot in free:
-                    if not queue.pending:
-                        break
-                    chunk = queue.take_chunk(slot.tail, self._num_ready(), PIPELINE_DEPTH)
-                    payload = [list(queue.unique[c]) for c in chunk]
-                    ref = getattr(slot.actor, method).remote(*supernet, payload, payload_batch)
-                    in_flight[ref] = (slot, slot.generation, chunk)
-                    slot.in_flight += 1
-                    slot.tail = queue.unique[chunk[-1]]
-                    self.stats.chunks += 1
-                free = self._free_slots()
+            for slot, units in assign(queue, self._ready_slots(), PIPELINE_DEPTH):
+                payload = [[list(queue.unique[c]), *queue.blocks[b]] for c, b in units]
+                ref = getattr(slot.actor, method).remote(*supernet, payload, payload_batch)
+                in_flight[ref] = (slot, slot.generation, units)
+                self.stats.chunks += 1
             if not in_flight and not setups:
                 self._check_not_all_retired()
                 setups = self._setup_refs(supernet)
                 continue
-            waiting = list(in_flight) + list(setups)
-            done, _ = ray.wait(waiting, num_returns=1, timeout=_WAIT_POLL_S)
+            done, _ = ray.wait(list(in_flight) + list(setups), num_returns=1, timeout=_WAIT_POLL_S)
             for ref in done:
                 if ref in setups:
                     self._on_setup_done(ref, *setups.pop(ref))
-                    continue
-                slot, generation, chunk = in_flight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    raise self._task_error(slot, e) from None
-                except _crash_errors() as e:
-                    queue.requeue(chunk)
-                    if generation == slot.generation:  # the first failure seen from this actor
-                        self._replace_actor(slot, e)
-                    continue
-                if generation == slot.generation:
-                    slot.in_flight -= 1
-                    slot.consecutive_failures = 0
-                queue.complete(chunk, result["values"])
-                self.io = self.io + IOCounters.from_json(result["io"])
+                else:
+                    self._on_units_done(ref, *in_flight.pop(ref), queue)
             setups.update(self._setup_refs(supernet))
             self._check_not_all_retired()
 
         self.stats.calls += 1
         self.stats.evaluations += len(queue.unique)
         self.stats.seconds += time.perf_counter() - t0
-        return queue.results()
+        return queue.results(positions)
+
+    def _on_units_done(self, ref, slot: _Slot, generation: int, units: list, queue: WorkQueue) -> None:
+        """Record a call's sums and I/O, or put its units back when its worker died (replacing the worker)."""
+        ray = _ray()
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise self._task_error(slot, e) from None
+        except _crash_errors() as e:
+            queue.requeue(units, worker=slot.index)
+            if generation == slot.generation:  # the first failure seen from this actor
+                self._replace_actor(slot, e)
+            return
+        if generation == slot.generation:
+            slot.in_flight -= 1
+            slot.consecutive_failures = 0
+        queue.complete(units, result["sums"])
+        self.stats.units += len(units)
+        self.io = self.io + IOCounters.from_json(result["io"])
 
     def _check_not_all_retired(self) -> None:
         if all(s.retired for s in self.slots):
@@ -570,15 +566,9 @@ class RayWorkerPool:
                 f"every Ray worker failed more than max_retries times (last error: {self._last_error})"
             )
 
-    def _num_ready(self) -> int:
-        return sum(1 for s in self.slots if not s.retired and s.info is not None)
-
-    def _free_slots(self) -> list[_Slot]:
-        """Ready workers with room for another call, the least loaded first."""
-        free = [
-            s for s in self.slots if not s.retired and s.info is not None and s.in_flight < PIPELINE_DEPTH
-        ]
-        return sorted(free, key=lambda s: (s.in_flight, s.index))
+    def _ready_slots(self) -> list[_Slot]:
+        """Workers that have loaded everything and take work."""
+        return [s for s in self.slots if not s.retired and s.info is not None]
 
     # ---- closing -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -599,6 +589,69 @@ class RayWorkerPool:
         if self._started_ray:
             self._started_ray = False
             _ray().shutdown()
+
+
+class RayWorkerPool(ActorPool):
+    """`num_workers` long-lived actors that evaluate candidates of any supernet of one run (`_Worker`).
+
+    Kept alive across iterations (the model is loaded once per actor); `evaluate` carries the supernet's
+    directory and fingerprint with every call, so an actor swaps supernets (and a restarted actor catches up)
+    by itself.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | os.PathLike,
+        num_workers: int,
+        address: str | None = None,
+        num_cpus_per_worker: float = 1,
+        num_gpus_per_worker: float = 0,
+        verbose: bool = False,
+        max_retries: int = 2,
+        num_threads: int | None = None,
+        startup_timeout_s: float = 900.0,
+        fault_file: str | None = None,
+    ):
+        _check_pool_options(num_workers, num_cpus_per_worker, num_gpus_per_worker, max_retries)
+        self.run_dir = Path(run_dir).resolve()
+        if not RunDir(self.run_dir).has_teacher():
+            raise TyrError(f"{self.run_dir} holds no teacher targets: not a run directory")
+        self.num_threads = int(num_threads) if num_threads else max(1, int(num_cpus_per_worker))
+        spec = {
+            "config": _shippable_config(cfg),
+            "run_dir": str(self.run_dir),
+            "num_threads": self.num_threads,
+            "num_gpus": float(num_gpus_per_worker),
+            "num_workers": num_workers,
+            "fault_file": fault_file,
+        }
+        super().__init__(
+            _Worker,
+            spec,
+            num_workers,
+            batch_size=cfg.search.batch_size,
+            seq_len=cfg.data.seq_len,
+            address=address,
+            num_cpus_per_worker=num_cpus_per_worker,
+            num_gpus_per_worker=num_gpus_per_worker,
+            verbose=verbose,
+            max_retries=max_retries,
+            startup_timeout_s=startup_timeout_s,
+        )
+
+
+def _check_pool_options(
+    num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float, max_retries: int
+) -> None:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise TyrError(f"the Ray backend needs num_workers >= 1, got {num_workers!r}")
+    if num_cpus_per_worker < 0 or num_gpus_per_worker < 0:
+        raise TyrError("num_cpus_per_worker and num_gpus_per_worker must be >= 0")
+    if num_gpus_per_worker > 1 and num_gpus_per_worker != int(num_gpus_per_worker):
+        raise TyrError(f"num_gpus_per_worker above 1 must be a whole number, got {num_gpus_per_worker}")
+    if max_retries < 0:
+        raise TyrError(f"max_retries must be >= 0, got {max_retries}")
 
 
 def _cluster_name(address: str | None, started: bool) -> str:
