@@ -332,3 +332,55 @@ class TeacherTargets:
         return (
             f"TeacherTargets({str(self.directory)!r}, N={self.num_sequences}, T={self.seq_len}, K={self.k})"
         )
+
+
+class StackedTargets:
+    """Two targets read as one: rows [0, n1) from `first`, rows [n1, n1 + n2) from `second` (same T and K).
+
+    Lets one fitness backend score batches of either row set (calibration and validation windows, each with
+    its own targets directory) through the unchanged `get` interface.
+    """
+
+    def __init__(self, first: TeacherTargets, second: TeacherTargets):
+        if (first.seq_len, first.k) != (second.seq_len, second.k):
+            raise TyrError(
+                f"teacher targets {first.directory} (T={first.seq_len}, K={first.k}) and {second.directory} "
+                f"(T={second.seq_len}, K={second.k}) cannot be stacked: recompute them with the same settings"
+            )
+        self.first, self.second = first, second
+        self.num_sequences = first.num_sequences + second.num_sequences
+        self.seq_len = first.seq_len
+        self.k = first.k
+        self.meta = first.meta
+
+    @property
+    def bytes_read(self) -> int:
+        return self.first.bytes_read + self.second.bytes_read
+
+    def get(
+        self, sequence_indices: Sequence[int], num_positions: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `TeacherTargets.get`, over the stacked rows, in the given order."""
+        rows = [int(i) for i in sequence_indices]
+        for i in rows:
+            if not 0 <= i < self.num_sequences:
+                raise IndexError(f"sequence index {i} out of range [0, {self.num_sequences})")
+        n1 = self.first.num_sequences
+        low = [i for i in rows if i < n1]
+        high = [i - n1 for i in rows if i >= n1]
+        if not high:
+            return self.first.get(low, num_positions)
+        if not low:
+            return self.second.get(high, num_positions)
+        parts = [self.first.get(low, num_positions), self.second.get(high, num_positions)]
+        # rows came out grouped (low ones first): put them back in the order asked for
+        position = {row: n for n, row in enumerate([*low, *(i + n1 for i in high)])}
+        order = torch.tensor([position[i] for i in rows])
+        return tuple(torch.cat([p[j] for p in parts])[order] for j in range(2))
+
+    def close(self) -> None:
+        self.first.close()
+        self.second.close()
+
+    def __len__(self) -> int:
+        return self.num_sequences

@@ -23,6 +23,7 @@ __all__ = [
     "FitnessFn",
     "GenerationResult",
     "Genome",
+    "SELECTIONS",
     "Stage",
     "mutate",
     "run_generation",
@@ -39,6 +40,13 @@ class Stage:
     num_tokens: int
 
 
+# How a generation decides between its parent and its children (`EvolutionConfig.selection`):
+# legacy: the parent joins the last stage only, and the best of that stage (a child on a tie) is the next parent.
+# paired: the parent is scored on every stage's batch beside the children; only children that beat it on that
+#         batch go on, and a child replaces it only by beating it on the last stage's batch.
+SELECTIONS = ("paired", "legacy")
+
+
 @dataclass(frozen=True)
 class EvolutionConfig:
     """Schedule of the search.
@@ -50,6 +58,7 @@ class EvolutionConfig:
         max_mutations: level switches per child: n = min(U{1..max}, U{1..max}).
         max_level_distance: optional: reject children with any |level| > this.
         max_tries: consecutive failed attempts to draw one more unique feasible child before giving up.
+        selection: `paired` or `legacy` (see `SELECTIONS`); legacy is what searches did before paired existed.
     """
 
     num_generations: int
@@ -58,6 +67,7 @@ class EvolutionConfig:
     max_mutations: int = 4
     max_level_distance: int | None = None
     max_tries: int = 1000
+    selection: str = "legacy"
 
     def validate(self) -> None:
         """TyrError for schedules that cannot run."""
@@ -72,6 +82,10 @@ class EvolutionConfig:
         positive_int("max_tries", self.max_tries)
         if self.max_level_distance is not None:
             positive_int("max_level_distance", self.max_level_distance)
+        if self.selection not in SELECTIONS:
+            raise TyrError(
+                f"search: selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
+            )
         if not self.stages:
             raise TyrError("search: at least one selection stage is needed, e.g. [[1, 131072]]")
         for i, st in enumerate(self.stages):
@@ -115,10 +129,11 @@ class FitnessFn(Protocol):
 @dataclass
 class GenerationResult:
     parent: Genome  # the winner of the generation: the next parent
-    fitness: float  # its fitness on the last stage's batch
+    fitness: float  # its fitness on the batch of the last stage evaluated
     num_evaluations: int  # candidate evaluations over all stages
     num_tokens_evaluated: int  # sum over stages of candidates * tokens of the stage's batch
-    stage_best: list[float] = field(default_factory=list)  # best fitness per stage
+    stage_best: list[float] = field(default_factory=list)  # best fitness per stage evaluated
+    replaced: bool = True  # paired: whether a child replaced the parent (legacy: the winner is always "new")
 
 
 # -- mutation -----------------------------------------------------------------------------------------------
@@ -253,19 +268,23 @@ def run_generation(
     num_sequences: int,
     seq_len: int,
 ) -> GenerationResult:
-    """One generation: draw offspring, select through the stages, the parent joins the last stage.
+    """One generation: draw offspring, then select through the stages (`config.selection`).
 
     Each stage draws ceil(num_tokens / seq_len) distinct sequence indices (at most num_sequences), sorted, shared
     by all candidates of the stage; a stage of fewer tokens than one sequence scores a prefix of one
-    (`tyr.search.batch.stage_batch`). The parent is appended after the survivors of the previous stage, so on a tie
-    a child wins. Returns the best candidate of the last stage with its last-stage fitness.
+    (`tyr.search.batch.stage_batch`). The offspring and every stage's batch are drawn before anything is scored,
+    so the generator's draws never depend on fitness values (`paired` may stop before its last stage).
+
+    legacy: the parent is appended after the survivors of the last stage, so on a tie a child wins; returns the
+    best candidate of the last stage with its last-stage fitness.
+    paired: see `_paired_selection`.
     """
     if num_sequences < 1 or seq_len < 1:
         raise TyrError(
             f"search: need at least one calibration sequence of length >= 1, got {num_sequences} x {seq_len}"
         )
     parent = tuple(int(v) for v in parent)
-    candidates = sample_offspring(
+    children = sample_offspring(
         parent,
         space,
         rng,
@@ -274,14 +293,27 @@ def run_generation(
         max_level_distance=config.max_level_distance,
         max_tries=config.max_tries,
     )
+    batches = [stage_batch(rng, st.num_tokens, num_sequences, seq_len) for st in config.stages]
+    select = _paired_selection if config.selection == "paired" else _legacy_selection
+    return select(parent, children, config.stages, batches, fitness, seq_len)
+
+
+def _legacy_selection(
+    parent: Genome,
+    candidates: list[Genome],
+    stages: Sequence[Stage],
+    batches: list[Batch],
+    fitness: FitnessFn,
+    seq_len: int,
+) -> GenerationResult:
+    """Children through the stages; the parent joins the last one; its best candidate is the next parent."""
     num_evaluations = 0
     num_tokens = 0
     stage_best: list[float] = []
     best, best_fitness = parent, math.nan
-    for s, stage in enumerate(config.stages):
-        if s == len(config.stages) - 1:
+    for s, (stage, batch) in enumerate(zip(stages, batches, strict=True)):
+        if s == len(stages) - 1:
             candidates = [*candidates, parent]
-        batch = stage_batch(rng, stage.num_tokens, num_sequences, seq_len)
         values = _evaluate(fitness, candidates, batch)
         num_evaluations += len(candidates)
         num_tokens += len(candidates) * batch.num_tokens(seq_len)
@@ -289,10 +321,37 @@ def run_generation(
         stage_best.append(values[keep[0]])
         best, best_fitness = candidates[keep[0]], values[keep[0]]
         candidates = [candidates[i] for i in keep]
-    return GenerationResult(
-        parent=best,
-        fitness=best_fitness,
-        num_evaluations=num_evaluations,
-        num_tokens_evaluated=num_tokens,
-        stage_best=stage_best,
-    )
+    return GenerationResult(best, best_fitness, num_evaluations, num_tokens, stage_best, best != parent)
+
+
+def _paired_selection(
+    parent: Genome,
+    children: list[Genome],
+    stages: Sequence[Stage],
+    batches: list[Batch],
+    fitness: FitnessFn,
+    seq_len: int,
+) -> GenerationResult:
+    """The parent is scored beside the children on every stage's batch (a paired comparison: the same tokens).
+
+    A stage keeps its best `num_survivors` children among those that beat the parent on its batch (strictly
+    lower fitness); when none does, the generation ends there and the parent stays. A child replaces the parent
+    only by beating it on the last stage's batch. So the parent is never replaced by a child that lost to it on
+    a batch both were scored on, and a generation whose children all lose early skips its costlier stages.
+    """
+    num_evaluations = 0
+    num_tokens = 0
+    stage_best: list[float] = []
+    for stage, batch in zip(stages, batches, strict=True):
+        values = _evaluate(fitness, [*children, parent], batch)
+        num_evaluations += len(children) + 1
+        num_tokens += (len(children) + 1) * batch.num_tokens(seq_len)
+        parent_value, child_values = values[-1], values[:-1]
+        keep = select_survivors(child_values, min(stage.num_survivors, len(children)))
+        stage_best.append(min(parent_value, child_values[keep[0]]) if keep else parent_value)
+        winners = [i for i in keep if child_values[i] < parent_value]  # NaN never wins
+        if not winners:
+            return GenerationResult(parent, parent_value, num_evaluations, num_tokens, stage_best, False)
+        children = [children[i] for i in winners]
+        best_value = child_values[winners[0]]
+    return GenerationResult(children[0], best_value, num_evaluations, num_tokens, stage_best, True)

@@ -210,6 +210,10 @@ def test_every_method_keeps_the_budget(tiny_assets, tmp_path, uniform_run, metho
         assert len(results) == 2 and metrics["evaluations"] > 0
     if method in ("random", "optuna"):  # as many evaluations as the evolution's schedule
         assert [r["evaluations"] for r in results] == [(6 + 3 + 1) * 3, (6 + 3 + 1) * 2]
+    # with validation windows (the smoke preset holds some), no result validates worse than its start
+    assert all(r["validation_kl"] <= r["start_validation_kl"] for r in results)
+    selection = json.loads((out / "final" / "selection.json").read_text())
+    assert selection["validation_kl"] == min(r["validation_kl"] for r in results)
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "wanda-sp", "flap"])

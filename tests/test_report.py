@@ -115,7 +115,7 @@ def test_one_shot_run_with_null_fitness(finished_run, tmp_path, capsys):
     assert main(["status", str(run)]) == 0
     status = capsys.readouterr().out
     assert "method uniform" in status
-    assert "iteration 1: done (one-shot method uniform, best KL n/a)" in status
+    assert "iteration 1: done (one-shot method uniform, best KL n/a, validation KL" in status
     assert "iteration 2: not needed (method uniform is one-shot)" in status
     assert main(["report", str(run)]) == 0
     text = (run / "report.md").read_text()

@@ -483,3 +483,153 @@ def test_state_roundtrip_and_rng(tmp_path):
     assert back == st
     assert restore_rng(back.rng_state).random() == rng.random()
     assert SearchState.from_json(st.to_json()) == st
+
+
+# -- paired selection -----------------------------------------------------------------------------------------
+
+PAIRED = EvolutionConfig(**{**CONFIG.__dict__, "selection": "paired"})
+
+
+def _recording(fitness):
+    calls = []
+
+    def recording(genomes, batch):
+        values = fitness(genomes, batch)
+        calls.append((list(genomes), batch, values))
+        return values
+
+    return recording, calls
+
+
+def test_paired_selection_replaces_the_parent_only_by_a_child_that_beat_it_on_the_same_batch():
+    space = make_space("per_type")
+    rng, parent, replaced = make_rng(8), (0,) * 12, 0
+    for _ in range(40):
+        recording, calls = _recording(SyntheticFitness(noise=1.0))
+        res = run_generation(parent, space, PAIRED, recording, rng, num_sequences=16, seq_len=128)
+        for s, (genomes, _, _values) in enumerate(calls):
+            assert genomes[-1] == parent and parent not in genomes[:-1]  # the parent beside its children
+            if s > 0:  # only children that beat the parent on the previous stage's batch go on
+                previous_genomes, _, previous = calls[s - 1]
+                assert all(previous[previous_genomes.index(g)] < previous[-1] for g in genomes[:-1])
+        genomes, _, values = calls[-1]
+        if res.parent != parent:
+            assert len(calls) == len(PAIRED.stages) and res.replaced
+            assert res.fitness == values[genomes.index(res.parent)] < values[-1]
+            replaced += 1
+        else:
+            assert not res.replaced and res.fitness == values[-1]
+            assert all(v >= values[-1] for v in values[:-1]) or len(calls) == len(PAIRED.stages)
+        assert res.num_evaluations == sum(len(g) for g, _, _ in calls)
+        parent = res.parent
+    assert 0 < replaced < 40
+
+
+def test_paired_selection_stops_when_every_child_loses():
+    space, parent = make_space("per_type"), (0,) * 12
+    recording, calls = _recording(lambda genomes, b: [0.0 if g == parent else 1.0 for g in genomes])
+    res = run_generation(parent, space, PAIRED, recording, make_rng(6), num_sequences=64, seq_len=128)
+    assert len(calls) == 1 and len(calls[0][0]) == PAIRED.num_offspring + 1  # the costlier stages are skipped
+    assert res.parent == parent and res.fitness == 0.0 and not res.replaced and res.num_evaluations == 13
+    # a tie is no win: legacy lets a child win it, paired keeps the parent
+    flat = lambda genomes, b: [1.0] * len(genomes)  # noqa: E731
+    assert run_generation(parent, space, CONFIG, flat, make_rng(6), 64, 128).parent != parent
+    assert run_generation(parent, space, PAIRED, flat, make_rng(6), 64, 128).parent == parent
+
+
+def test_selection_rules_draw_the_same_offspring_and_batches():
+    """Both rules consume the generator identically whatever the fitness values (stages may be skipped)."""
+    space = make_space("per_type")
+    for fitness in (SyntheticFitness(), lambda genomes, b: [0.0] * len(genomes)):
+        rngs = {name: make_rng(9) for name in ("legacy", "paired")}
+        first = {}
+        for name, rng in rngs.items():
+            recording, calls = _recording(fitness)
+            config = CONFIG if name == "legacy" else PAIRED
+            run_generation((0,) * 12, space, config, recording, rng, num_sequences=16, seq_len=128)
+            first[name] = (calls[0][0][: config.num_offspring], calls[0][1])
+        assert first["legacy"] == first["paired"]
+        assert rngs["legacy"].bit_generator.state == rngs["paired"].bit_generator.state
+
+
+def test_selection_rule_is_checked():
+    with pytest.raises(TyrError, match="selection must be one of"):
+        EvolutionConfig(**{**CONFIG.__dict__, "selection": "best"}).validate()
+
+
+# -- validation in the search loop ----------------------------------------------------------------------------
+
+
+class CountingValidator:
+    """Validation KL = true loss + `offset` for the genomes in `worse`; counts its calls."""
+
+    def __init__(self, worse=(), offset=0.0):
+        self.calls, self.worse, self.offset = 0, set(worse), offset
+
+    def __call__(self, genomes):
+        self.calls += 1
+        return [true_loss(g) + (self.offset if tuple(g) in self.worse else 0.0) for g in genomes]
+
+
+def _validated_run(tmp, validator, every, stop_after=None, config=PAIRED):
+    done = []
+    state = evolve(
+        make_space("per_type"),
+        config,
+        SyntheticFitness(),
+        (0,) * 12,
+        11,
+        tmp / "state.json",
+        tmp / "history.jsonl",
+        IDENTITY,
+        num_sequences=16,
+        seq_len=128,
+        on_generation=lambda g, r, s: done.append(g),
+        should_stop=None if stop_after is None else (lambda: len(done) >= stop_after),
+        validate=validator,
+        validate_every=every,
+    )
+    return state
+
+
+def test_evolve_records_validation_and_keeps_the_best_measured_genome(tmp_path):
+    validator = CountingValidator()
+    state = _validated_run(tmp_path / "a", validator, every=5)
+    history = _history(tmp_path / "a")
+    measured = {r["generation"]: r["validation_kl"] for r in history if "validation_kl" in r}
+    assert sorted(measured) == [5, 10, 12]  # every 5 generations and the last one
+    assert all(measured[g] == true_loss(history[g - 1]["parent"]) for g in measured)
+    assert state.start_validated.generation == 0 and state.start_validated.validation_kl == true_loss(
+        (0,) * 12
+    )
+    candidates = [state.start_validated.validation_kl, *measured.values()]
+    assert state.best_validated.validation_kl == min(candidates)
+    assert validator.calls <= 4  # a parent measured before is not measured again
+    # the search itself is untouched by validation: same parents as without it
+    plain, _ = _run(tmp_path / "b", config=PAIRED)
+    assert plain.parent == state.parent and plain.rng_state == state.rng_state
+    assert plain.best_validated is None and "best_validated" not in plain.to_json()
+
+    # resumed after a stop: the same measurements and the same best
+    _validated_run(tmp_path / "c", CountingValidator(), every=5, stop_after=7)
+    resumed = _validated_run(tmp_path / "c", CountingValidator(), every=5)
+    assert resumed == state and _history(tmp_path / "c") == history
+
+
+def test_evolve_keeps_the_start_when_every_parent_validates_worse(tmp_path):
+    everything_but_start = CountingValidator(offset=100.0)
+    everything_but_start.worse = _AllBut((0,) * 12)
+    state = _validated_run(tmp_path, everything_but_start, every=1)
+    assert state.parent != (0,) * 12  # the search moved on calibration ...
+    assert (
+        state.best_validated.genome == (0,) * 12 and state.best_validated.generation == 0
+    )  # ... not on validation
+    assert SearchState.from_json(state.to_json()) == state
+
+
+class _AllBut:
+    def __init__(self, genome):
+        self.genome = genome
+
+    def __contains__(self, genome):
+        return genome != self.genome

@@ -6,6 +6,7 @@ run's identity: its hash goes into every fingerprint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import string
@@ -50,6 +51,10 @@ class DataConfig:
     text_field: str = "text"
     num_sequences: int = 64  # calibration sequences
     seq_len: int = 512
+    # Held-out validation windows: the next ones of the seeded permutation the calibration windows are drawn
+    # from (those stay exactly the same), with their own teacher targets. Never used to build the supernet or
+    # in selection: they pick each iteration's result and the final model (the best validation KL). 0 = none.
+    num_validation_sequences: int = 0
     num_eval_sequences: int | None = None  # None = every full window of the eval data
     # Read at most this many tokens of the calibration source (hub datasets are then streamed, so only that
     # much is downloaded); the calibration windows are drawn from them. None = the whole source.
@@ -101,9 +106,17 @@ class SearchConfig:
     generations: list[int] = field(default_factory=lambda: [6, 4])  # per iteration
     num_offspring: int = 16
     max_mutations: int = 4  # n = min(U{1..max}, U{1..max}) level switches per child
-    stages: list[list[int]] = field(
+    # [survivors, tokens] per selection stage, for every iteration; or one such list per iteration
+    stages: list[list[int]] | list[list[list[int]]] = field(
         default_factory=lambda: [[4, 512], [2, 1024], [1, 4096]]
-    )  # [survivors, tokens]
+    )
+    # paired: the parent is scored on every stage's batch beside its children, and is replaced only by a child
+    # that beats it there (tyr.search.evolution); legacy: the parent joins the last stage only (runs stored
+    # before this key existed). The presets set paired.
+    selection: Literal["paired", "legacy"] = "legacy"
+    # With data.num_validation_sequences: also measure the search's parent every N generations (0: only the
+    # start and the last parent); an iteration's result is the best validation KL among those measured.
+    validate_every: int = 0
     budget: Literal["per_type", "joint"] = "per_type"
     topk: int = 512  # teacher logits kept per token for the KL fitness
     realisation: Literal["compact", "masked"] = "compact"
@@ -115,6 +128,15 @@ class SearchConfig:
     # only I/O). None = auto: the whole iteration's supernet when it fits in half the available host memory
     # (shared by the Ray workers of a machine), else an LRU of that size.
     variant_cache_bytes: int | None = None
+
+    def stages_for(self, iteration: int) -> list[list[int]]:
+        """The [survivors, tokens] stages of iteration `iteration` (1-based)."""
+        return self.stages[iteration - 1] if per_iteration_stages(self.stages) else self.stages
+
+
+def per_iteration_stages(stages: list) -> bool:
+    """Whether `search.stages` lists one stage list per iteration (rather than one list for all)."""
+    return bool(stages) and all(isinstance(st, list) and st and isinstance(st[0], list) for st in stages)
 
 
 @dataclass
@@ -198,8 +220,17 @@ class RunConfig:
                 f"search.generations must list {se.num_iterations} non-negative counts (one per iteration), "
                 f"got {se.generations}"
             )
-        if any(len(st) != 2 for st in se.stages):
+        if per_iteration_stages(se.stages) and len(se.stages) != se.num_iterations:
+            raise TyrError(
+                f"search.stages lists {len(se.stages)} stage lists but search.num_iterations is "
+                f"{se.num_iterations}: give one list of [survivors, tokens] pairs per iteration, or one for all"
+            )
+        stage_lists = [se.stages_for(i) for i in range(1, se.num_iterations + 1)]
+        if any(len(st) != 2 for stages in stage_lists for st in stages):
             raise TyrError(f"search.stages must be a list of [survivors, tokens] pairs, got {se.stages}")
+        if se.selection not in ("paired", "legacy"):
+            raise TyrError(f"search.selection must be one of paired, legacy, got {se.selection!r}")
+        _at_least("search.validate_every", se.validate_every, 0)
         for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
             _at_least(f"search.{name}", getattr(se, name), 1)
         _at_least("search.max_level_distance", se.max_level_distance, 1)
@@ -218,14 +249,17 @@ class RunConfig:
                 f"search.method={se.method} allocates under search.budget=per_type only (it holds each module "
                 "type's unit count exactly); set search.budget=per_type or use method evolution"
             )
-        if not METHODS[se.method].one_shot:
-            _validate_stages(se)
         tokens = self.data.num_sequences * self.data.seq_len
-        if se.stages and max(st[1] for st in se.stages) > tokens:
-            raise TyrError(
-                f"search.stages ask for up to {max(st[1] for st in se.stages)} tokens per stage but the calibration "
-                f"set has {tokens} (data.num_sequences x data.seq_len); lower the stage tokens or add data"
-            )
+        for iteration, stages in enumerate(stage_lists, start=1):
+            where = f" (iteration {iteration})" if per_iteration_stages(se.stages) else ""
+            if not METHODS[se.method].one_shot:
+                _validate_stages(se, stages, where)
+            if stages and max(st[1] for st in stages) > tokens:
+                raise TyrError(
+                    f"search.stages{where} ask for up to {max(st[1] for st in stages)} tokens per stage but the "
+                    f"calibration set has {tokens} (data.num_sequences x data.seq_len); lower the stage tokens or "
+                    "add data"
+                )
 
 
 # Names accepted by model.dtype and supernet.storage_dtype (besides auto), with the torch dtype each means.
@@ -272,11 +306,12 @@ def _validate_data(d: DataConfig) -> None:
     _at_least("data.seq_len", d.seq_len, 2)
     _at_least("data.num_eval_sequences", d.num_eval_sequences, 1)  # None = every window
     _at_least("data.max_source_tokens", d.max_source_tokens, 1)
-    needed = d.num_sequences * d.seq_len
+    _at_least("data.num_validation_sequences", d.num_validation_sequences, 0)
+    needed = (d.num_sequences + d.num_validation_sequences) * d.seq_len
     if d.max_source_tokens is not None and d.max_source_tokens < needed:
         raise TyrError(
             f"data.max_source_tokens={d.max_source_tokens} is below the {needed} calibration tokens "
-            "asked for (data.num_sequences x data.seq_len)"
+            "asked for ((data.num_sequences + data.num_validation_sequences) x data.seq_len)"
         )
 
 
@@ -306,12 +341,22 @@ def _validate_supernet(sn: SupernetConfig) -> None:
         )
 
 
-def _validate_stages(se: SearchConfig) -> None:
-    """The selection stages as the evolution (and the samplers, which match its budget) will check them."""
+def _validate_stages(se: SearchConfig, stages: list[list[int]], where: str = "") -> None:
+    """One iteration's selection stages as the evolution (and the samplers, which match its budget) will check
+    them."""
     from tyr.search.evolution import EvolutionConfig, Stage
 
-    stages = tuple(Stage(int(s), int(t)) for s, t in se.stages)
-    EvolutionConfig(1, se.num_offspring, stages, se.max_mutations, se.max_level_distance).validate()
+    evo = EvolutionConfig(
+        1,
+        se.num_offspring,
+        tuple(Stage(int(s), int(t)) for s, t in stages),
+        se.max_mutations,
+        se.max_level_distance,
+    )
+    try:
+        evo.validate()
+    except TyrError as e:
+        raise TyrError(f"{e}{where}") from None
 
 
 def _validate_backend(b: BackendConfig) -> None:
@@ -593,6 +638,61 @@ def identity_dict(cfg: Any) -> dict:
 def dump_yaml(cfg: Any) -> str:
     """The run's identity as YAML (written to RUN/config.yaml, whose hash is in every checkpoint)."""
     return yaml.safe_dump(identity_dict(cfg), sort_keys=False)
+
+
+# Identity keys whose presets set another value than their default (the default reproduces runs stored before
+# the key existed). Re-running an older run's own command after an upgrade resolves the preset's new value; a
+# run whose stored config lacks such a key therefore continues with the default, as it began, unless the
+# command asks for something that is neither (then the configs differ).
+PRESET_UPGRADES = ("search.selection", "search.validate_every", "data.num_validation_sequences")
+
+
+def _lookup(data: dict, key: str, missing: Any = None) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
+
+
+def upgraded_keys(stored: dict, current: dict) -> list[str]:
+    """The PRESET_UPGRADES keys `stored` (a run's config.yaml) lacks while `current` (this command's identity
+    dict) holds its preset's value for them: the run keeps their defaults."""
+    from tyr.schedules import PRESETS
+
+    schedule = current.get("schedule")
+    preset = PRESETS.get(schedule, {}) if isinstance(schedule, str) else {}
+    absent = object()
+    return [
+        key
+        for key in PRESET_UPGRADES
+        if _lookup(stored, key, absent) is absent and _lookup(preset, key, absent) == _lookup(current, key)
+    ]
+
+
+def _default(key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(RunConfig(), section), name)
+
+
+def resumed_identity(stored: dict, current: dict) -> dict:
+    """`current` with the `upgraded_keys` at their defaults: what a run stored as `stored` continues with."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
+    for key in upgraded_keys(stored, current):
+        section, name = key.split(".")
+        out[section][name] = _default(key)
+    return out
+
+
+def resumed_config(cfg: RunConfig, stored: dict) -> tuple[RunConfig, list[str]]:
+    """(`cfg` with the `upgraded_keys` of the run stored as `stored` at their defaults, those keys)."""
+    keys = upgraded_keys(stored, identity_dict(cfg))
+    cfg = copy.deepcopy(cfg) if keys else cfg
+    for key in keys:
+        section, name = key.split(".")
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{name: _default(key)}))
+    return cfg, keys
 
 
 def config_from_stored(stored: dict, where: str = "config.yaml") -> RunConfig:

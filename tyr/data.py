@@ -1,8 +1,9 @@
 """Calibration and evaluation tokens: resolve `--data`, tokenise, cut into fixed-length sequences.
 
 Documents are joined with newlines (as in a plain text file) and tokenised without special tokens into one
-stream, which is cut into non-overlapping windows of `seq_len`. Calibration takes a seeded random subset of the windows;
-evaluation takes the windows in order. Both are deterministic for a given seed.
+stream, which is cut into non-overlapping windows of `seq_len`. Calibration takes a seeded random subset of the windows
+(and validation the next windows of the same permutation); evaluation takes the windows in order. All are
+deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -236,17 +237,41 @@ def calibration_tokens(
     With `max_source_tokens`, only the first that many tokens of the source are read (hub datasets are
     streamed), so a multi-billion-token corpus costs what the calibration set needs, not a full download.
     """
+    return calibration_split(source, tokenizer, num_sequences, 0, seq_len, seed, max_source_tokens)[0]
+
+
+def calibration_split(
+    source: TextSource,
+    tokenizer,
+    num_sequences: int,
+    num_validation: int,
+    seq_len: int,
+    seed: int,
+    max_source_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration (num_sequences, seq_len), validation (num_validation, seq_len)) windows of the corpus.
+
+    One seeded permutation of the windows: its first `num_sequences` are the calibration windows (exactly those
+    of `calibration_tokens`, whatever `num_validation` is), the next `num_validation` the validation windows;
+    both sorted by position in the corpus, and disjoint.
+    """
     texts = load_texts(source) if max_source_tokens is None else iter_texts(source, streaming=True)
     all_windows = windows(token_stream(texts, tokenizer, max_tokens=max_source_tokens), seq_len)
-    if all_windows.shape[0] < num_sequences:
+    needed = num_sequences + num_validation
+    if all_windows.shape[0] < needed:
         read = "" if max_source_tokens is None else f" in its first {max_source_tokens} tokens"
+        asked = f"{num_sequences} calibration sequences" + (
+            f" + {num_validation} validation sequences" if num_validation else ""
+        )
+        lower = "data.num_sequences" + (", data.num_validation_sequences" if num_validation else "")
         raise TyrError(
             f"data {source.name!r} has {all_windows.shape[0]} windows of {seq_len} tokens{read}, "
-            f"but {num_sequences} calibration sequences were asked for; lower data.num_sequences or data.seq_len"
+            f"but {asked} were asked for; lower {lower} or data.seq_len"
             + ("" if max_source_tokens is None else ", or raise data.max_source_tokens")
         )
-    order = np.random.default_rng(seed).permutation(all_windows.shape[0])[:num_sequences]
-    return all_windows[torch.from_numpy(np.sort(order))].clone()
+    order = np.random.default_rng(seed).permutation(all_windows.shape[0])
+    fit, held_out = np.sort(order[:num_sequences]), np.sort(order[num_sequences:needed])
+    return all_windows[torch.from_numpy(fit)].clone(), all_windows[torch.from_numpy(held_out)].clone()
 
 
 def evaluation_tokens(

@@ -12,6 +12,11 @@ registered with `register_method`, plus its test. Every method holds exactly the
 
 One-shot methods (uniform, owl, layer-error) choose once from iteration 1's supernet; the others run in
 every coarse-to-fine iteration.
+
+With validation windows (`data.num_validation_sequences`), `tyr.run` makes each iteration's result the best
+validation-KL genome of those measured in it: the start and the method's choice for every method, and the
+evolution's parents every `search.validate_every` generations too (the evolution measures its own, through
+`MethodContext.make_validator`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ if TYPE_CHECKING:  # the registry itself stays cheap to import (`tyr status` rea
     from tyr.rundir import RunDir
     from tyr.search.evolution import EvolutionConfig
     from tyr.search.space import Genome, SearchSpace
+    from tyr.search.state import Validator
     from tyr.supernet.store import SupernetStore
 
 
@@ -38,6 +44,12 @@ class Allocation:
     fitness: float | None  # on the method's own calibration batches; None when no fitness was computed
     evaluations: int  # fitness evaluations spent
     generations: int  # EA generations or sampler batches
+    # what the method measured on the validation windows itself (None: not measured by the method)
+    validation_kl: float | None = None  # of `genome`
+    start_validation_kl: float | None = None  # of the start genome (every gene at its ladder centre)
+    chosen_generation: int | None = (
+        None  # the evolution: after which generation `genome` was the parent (0: start)
+    )
 
 
 @dataclass
@@ -52,6 +64,9 @@ class MethodContext:
     make_evaluator: Callable[[SupernetStore], object]  # fitness backend for this supernet
     evolution_config: Callable[[int], EvolutionConfig]  # the evolution's schedule for N generations
     log: Callable[[str], None]
+    # validation KL through a live fitness backend of this supernet (or a fresh one: None); None without
+    # validation windows. The returned validator has `close()`.
+    make_validator: Callable[[object | None], Validator | None] = lambda evaluator: None
 
     @property
     def num_generations(self) -> int:
@@ -110,7 +125,9 @@ class Evolution(AllocationMethod):
 
         cfg, run, iteration = ctx.session.cfg, ctx.run, ctx.iteration
         evaluator = ctx.make_evaluator(ctx.store)
+        validator = None
         try:
+            validator = ctx.make_validator(evaluator)
             state = evolve(
                 ctx.space,
                 ctx.evolution_config(ctx.num_generations),
@@ -127,11 +144,25 @@ class Evolution(AllocationMethod):
                 num_sequences=ctx.session.calibration.shape[0],
                 seq_len=ctx.session.calibration.shape[1],
                 on_generation=_generation_logger(ctx.log, iteration, ctx.num_generations),
+                validate=validator,
+                validate_every=cfg.search.validate_every,
             )
         finally:
+            if validator is not None:
+                validator.close()
             evaluator.close()  # the next supernet is built from the dense model
+        evaluations = run.history_evaluations(iteration)
+        best, start = state.best_validated, state.start_validated
+        if best is None or start is None:  # no validation windows: the last parent, as always
+            return Allocation(tuple(state.parent), state.parent_fitness, evaluations, state.generation)
         return Allocation(
-            tuple(state.parent), state.parent_fitness, run.history_evaluations(iteration), state.generation
+            best.genome,
+            best.fitness,
+            evaluations,
+            state.generation,
+            validation_kl=best.validation_kl,
+            start_validation_kl=start.validation_kl,
+            chosen_generation=best.generation,
         )
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 from tyr.errors import TyrError
 from tyr.export.card import markdown_escape
 from tyr.io import atomic_write_bytes, atomic_write_text
-from tyr.rundir import RunDir, check_folder_link
+from tyr.rundir import RunDir, check_folder_link, read_json_object
 from tyr.status import (
     criterion_of,
     format_kl,
     is_one_shot,
     method_of,
     planned_generations,
+    searched_validation,
     section,
     unreadable,
 )
@@ -63,6 +64,13 @@ class Iteration:
         return min(values, default=None)
 
     @property
+    def validation_kl(self) -> float | None:
+        """The result's validation KL; while searching, the best measured so far (None without validation)."""
+        if self.result is not None:
+            return self.result.get("validation_kl")
+        return searched_validation(self.state, self.history)[1]
+
+    @property
     def seconds(self) -> float:
         return sum(float(row.get("seconds", 0.0)) for row in self.history)
 
@@ -78,6 +86,7 @@ class RunFiles:
     iterations: list[Iteration]
     architecture: dict | None
     metrics: dict | None
+    selection: dict | None = None  # final/selection.json
 
     @property
     def finished(self) -> bool:
@@ -163,6 +172,7 @@ def load_run(run_dir: Path) -> RunFiles:
         iterations=[_iteration(run, cfg, i, n) for i, n in enumerate(planned_generations(cfg), start=1)],
         architecture=run.read_architecture(),
         metrics=run.read_metrics(),
+        selection=read_json_object(run.selection_path),
     )
 
 
@@ -251,11 +261,14 @@ def _chosen_from_architecture(alloc: Allocation, architecture: dict) -> None:
 
 
 def _chosen_from_latest_result(alloc: Allocation, files: RunFiles) -> None:
-    """An unfinished run: the latest finished iteration's allocation (its `centres` = units removed per gene)."""
+    """An unfinished run: the latest finished iteration's allocation (its `centres` = units removed per gene), or
+    with validation the best-validating one (what the final model would be now)."""
     done = [it for it in files.iterations if it.result is not None and "centres" in it.result]
     if not done:
         return
     latest = done[-1]
+    if all(it.validation_kl is not None for it in done):  # monotone coarse to fine: the best result so far
+        latest = min(done, key=lambda it: it.validation_kl)
     chosen: dict[str, list[int | None]] = {k: [None] * alloc.num_layers for k in KINDS}
     genes = [(layer, kind) for layer in range(alloc.num_layers) for kind in KINDS]  # genome order
     for (layer, kind), removed in zip(genes, latest.result["centres"]):
@@ -394,6 +407,18 @@ def _summary(files: RunFiles) -> str:
         ],
         ["seed", f"{cfg.get('seed')}"],
     ]
+    validation = section(cfg, "data").get("num_validation_sequences") or 0
+    if validation:
+        rows.append(["validation", f"{validation} × {data.get('seq_len')} tokens (held out of calibration)"])
+    selection = files.selection or {}
+    if selection.get("validation_kl") is not None:
+        rows.append(
+            [
+                "final model",
+                f"iteration {selection.get('iteration')}'s result (best validation KL "
+                f"{format_kl(selection['validation_kl'])})",
+            ]
+        )
     params = arch.get("params")
     if params:
         ratio = params["pruned"] / params["dense"]
@@ -438,7 +463,7 @@ def _iterations(files: RunFiles, fitness_plot: str | None) -> str:
     sampled = method_of(files.config) in ("random", "optuna")  # history lines are batches of trials
     for it in files.iterations:
         if it.status.startswith("not needed"):
-            rows.append([str(it.index), it.status, "—", "—", "—", "—"])
+            rows.append([str(it.index), it.status, "—", "—", "—", "—", "—"])
             continue
         status = it.status if it.status != "searching" else f"searching (generation {it.generations_done})"
         rows.append(
@@ -450,12 +475,19 @@ def _iterations(files: RunFiles, fitness_plot: str | None) -> str:
                 else f"{it.generations_done} / {it.planned_generations}",
                 str(it.evaluations),
                 format_kl(it.best_fitness),
+                "—" if it.validation_kl is None else format_kl(it.validation_kl),
                 _duration(it.seconds),
             ]
         )
     steps = "trial batches" if sampled else "generations"
-    header = ["iteration", "status", steps, "evaluations", "best KL", "search wall time"]
+    header = ["iteration", "status", steps, "evaluations", "best KL", "validation KL", "search wall time"]
     text = "## Iterations\n\n" + _table(header, rows)
+    if any(it.validation_kl is not None for it in files.iterations):
+        text += (
+            "\n\nValidation KL: of each iteration's result on the held-out validation windows (while searching:"
+            " the best measured so far). The result is the best-validating genome measured in the iteration, and"
+            " the final model the best-validating result."
+        )
     if fitness_plot:
         text += (
             "\n\nBest KL is measured on random calibration batches (fresh ones in every selection stage), so it"

@@ -3,24 +3,40 @@
 Every step is resumable: the teacher targets, each finished supernet gene, each search generation and each
 finished iteration are checkpointed in the run directory; re-running the same command continues from there
 and ends with the same result as an uninterrupted run.
+
+With validation windows (`data.num_validation_sequences`) the coarse-to-fine loop is monotone: an iteration's
+result is the best validation-KL genome measured in it (its start included), the next iteration is built around
+the best result so far, and the final model is the best result of all iterations. So a run never ends worse on
+validation than its uniform start or its first iteration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tyr import methods, pipeline
-from tyr.config import RunConfig
+from tyr.config import RunConfig, resumed_config
+from tyr.data import TextSource, calibration_split
 from tyr.errors import TyrError
 from tyr.evaluators.kl import sparse_kl
 from tyr.evaluators.perplexity import perplexity
-from tyr.evaluators.teacher import TeacherTargets, compute_and_save_teacher_targets, compute_teacher_targets
+from tyr.evaluators.teacher import (
+    StackedTargets,
+    TeacherTargets,
+    compute_and_save_teacher_targets,
+    compute_teacher_targets,
+)
 from tyr.io import atomic_write_json, sha256_tensor
 from tyr.rundir import RunDir, Selection
+from tyr.search.batch import Batch
 from tyr.search.evaluator import SerialEvaluator
 from tyr.search.evolution import EvolutionConfig, Stage
 from tyr.search.space import Budget, GeneLadder, SearchSpace
@@ -36,8 +52,32 @@ class IterationResult:
     iteration: int
     genome: tuple[int, ...]
     fitness: float | None
-    centres: list[int]  # units removed per gene at the chosen levels (the next iteration's centres)
+    centres: list[int]  # units removed per gene at the chosen levels (the next centres, if it is the best)
     method: str | None = None
+    validation_kl: float | None = None  # None: the run has no validation windows
+
+
+@dataclass
+class Validation:
+    """The held-out validation windows and their dense top-K targets."""
+
+    tokens: torch.Tensor  # (num_validation_sequences, seq_len) int64
+    targets: TeacherTargets
+
+
+class Validator:
+    """Validation KL of genomes: sparse top-K KL(dense ‖ candidate) over every validation window, scored by a
+    fitness backend on one batch of all of them (the fitness protocol, unchanged)."""
+
+    def __init__(self, evaluator, batch: Batch, store: SupernetStore, owned: bool):
+        self.evaluator, self.batch, self.store, self.owned = evaluator, batch, store, owned
+
+    def __call__(self, genomes: Sequence[tuple[int, ...]]) -> list[float]:
+        return [float(v) for v in self.evaluator(list(genomes), self.batch)]
+
+    def close(self) -> None:
+        if self.owned:  # a borrowed backend is closed by its owner
+            self.evaluator.close()
 
 
 def run(
@@ -53,17 +93,42 @@ def run(
 
 def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: bool) -> dict:
     run_dir, session = pipeline.open_run(cfg, locked, force, progress)
+    session.cfg, upgraded = resumed_config(session.cfg, session.identity)
+    if upgraded:
+        logger.warning(
+            f"{run_dir.path} began before {', '.join(upgraded)} existed; it continues as it began "
+            f"({', '.join(f'{k}={_setting(session.cfg, k)}' for k in upgraded)})"
+        )
     targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress)
-    make_evaluator, close_backend = fitness_backend(session, targets, run_dir, progress, verbose)
+    validation = validation_set(session, run_dir, progress)
+    make_evaluator, make_validator, close_backend = fitness_backend(
+        session, targets, run_dir, progress, verbose, validation
+    )
     centres = pipeline.uniform_centres(session.adapter, cfg)
-    result = None
+    best = None
     try:
-        for iteration in range(1, num_iterations(cfg) + 1):
-            result = run_iteration(session, targets, run_dir, iteration, centres, make_evaluator, progress)
-            centres = result.centres
+        for iteration in range(1, num_iterations(session.cfg) + 1):
+            result = run_iteration(
+                session, targets, run_dir, iteration, centres, make_evaluator, progress, make_validator
+            )
+            best = best_of(best, result)
+            centres = best.centres
     finally:
         close_backend()
-    return finalise(session, run_dir, result, progress)
+    return finalise(session, run_dir, best, progress)
+
+
+def _setting(cfg: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def best_of(best: IterationResult | None, result: IterationResult) -> IterationResult:
+    """The better of the best result so far and a later one: the lower validation KL (the earlier on a tie);
+    without validation, the later one (coarse to fine as before validation existed)."""
+    if best is None or best.validation_kl is None or result.validation_kl is None:
+        return result
+    return result if result.validation_kl < best.validation_kl or math.isnan(best.validation_kl) else best
 
 
 def num_iterations(cfg: RunConfig) -> int:
@@ -72,10 +137,55 @@ def num_iterations(cfg: RunConfig) -> int:
 
 
 def fitness_backend(
-    session: pipeline.Session, targets: TeacherTargets, run_dir: RunDir, progress: bool, verbose: bool = False
-) -> tuple[Callable[[SupernetStore], object], Callable[[], None]]:
-    """(make_evaluator(store), close()) for `cfg.backend`; Ray workers start on first use."""
+    session: pipeline.Session,
+    targets: TeacherTargets,
+    run_dir: RunDir,
+    progress: bool,
+    verbose: bool = False,
+    validation: Validation | None = None,
+) -> tuple[
+    Callable[[SupernetStore], object],
+    Callable[[SupernetStore, object | None], Validator | None],
+    Callable[[], None],
+]:
+    """(make_evaluator(store), make_validator(store, evaluator), close()) for `cfg.backend`; Ray workers start on
+    first use. make_validator gives None without validation windows.
+
+    Validation runs in this process: through the serial evaluator itself when it is given one (its model and
+    rows are the calibration windows followed by the validation windows, so both share one realised model),
+    else on a serial evaluator of its own (the Ray workers hold the calibration windows only).
+    """
     cfg = session.cfg
+    num_calibration = session.calibration.shape[0]
+    tokens, rows = session.calibration, targets
+    if validation is not None:
+        tokens = torch.cat([session.calibration, validation.tokens])  # (N + V, seq_len)
+        rows = StackedTargets(targets, validation.targets)
+
+    def serial(store: SupernetStore, tokens=tokens, rows=rows) -> SerialEvaluator:
+        return SerialEvaluator(
+            session.model,
+            session.adapter,
+            store,
+            rows,
+            tokens,
+            mode=cfg.search.realisation,
+            batch_size=cfg.search.batch_size,
+            progress=progress,
+            variant_cache_bytes=cfg.search.variant_cache_bytes,
+        )
+
+    def make_validator(store: SupernetStore, evaluator: object | None = None) -> Validator | None:
+        if validation is None:
+            return None
+        num_validation = validation.tokens.shape[0]
+        if isinstance(evaluator, SerialEvaluator) and evaluator.targets is rows:
+            batch = Batch(tuple(range(num_calibration, num_calibration + num_validation)))
+            return Validator(evaluator, batch, store, owned=False)
+        own = serial(store, validation.tokens, validation.targets)
+        own.progress = False
+        return Validator(own, Batch(tuple(range(num_validation))), store, owned=True)
+
     if cfg.backend.kind == "ray":
         from tyr.cluster import ray_evaluator_factory
 
@@ -90,32 +200,51 @@ def fitness_backend(
             verbose=verbose,
             max_retries=b.max_retries,
         )
-        return (lambda store: factory(store.directory)), factory.close
+        return (lambda store: factory(store.directory)), make_validator, factory.close
 
-    def serial(store: SupernetStore) -> SerialEvaluator:
-        return SerialEvaluator(
-            session.model,
-            session.adapter,
-            store,
-            targets,
-            session.calibration,
-            mode=cfg.search.realisation,
-            batch_size=cfg.search.batch_size,
-            progress=progress,
-            variant_cache_bytes=cfg.search.variant_cache_bytes,
+    return serial, make_validator, (lambda: None)
+
+
+def validation_set(session: pipeline.Session, run_dir: RunDir, progress: bool) -> Validation | None:
+    """The validation windows (the next windows of the calibration draw) and their teacher targets; None when
+    `data.num_validation_sequences` is 0."""
+    data, cfg = session.cfg.data, session.cfg
+    if data.num_validation_sequences == 0:
+        return None
+    source = TextSource(data.calibration, data.calibration_config, data.calibration_split, data.text_field)
+    fit, tokens = calibration_split(
+        source,
+        session.tokenizer,
+        data.num_sequences,
+        data.num_validation_sequences,
+        data.seq_len,
+        cfg.seed,
+        data.max_source_tokens,
+    )
+    if not torch.equal(fit, session.calibration):
+        raise TyrError(
+            "the calibration windows read for validation differ from the session's (did the data source change "
+            "while the run started?); re-run the same command"
         )
+    targets = ensure_teacher_targets(session, run_dir.validation_teacher_dir, progress, tokens, "validation")
+    return Validation(tokens, targets)
 
-    return serial, (lambda: None)
 
-
-def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress: bool) -> TeacherTargets:
-    """Dense top-K logits of the calibration set, computed once per run.
+def ensure_teacher_targets(
+    session: pipeline.Session,
+    directory: Path,
+    progress: bool,
+    tokens: torch.Tensor | None = None,
+    what: str = "calibration",
+) -> TeacherTargets:
+    """Dense top-K logits of the calibration set (or of `tokens`: the validation windows), computed once per run.
 
     Resuming, the stored sha256 is checked once per command (it reads the whole file: ~5 min for the 206 GB of
     the paper setting). Damaged targets (changed bytes, unreadable metadata) are recomputed, with a warning:
     they are derived data, and the same model and tokens give the same targets.
     """
-    tokens_sha = sha256_tensor(session.calibration)
+    tokens = session.calibration if tokens is None else tokens
+    tokens_sha = sha256_tensor(tokens)
     if (directory / "meta.json").is_file():
         try:
             targets = TeacherTargets.open(directory, verify=True)
@@ -126,15 +255,13 @@ def ensure_teacher_targets(session: pipeline.Session, directory: Path, progress:
             if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
                 return targets
             raise TyrError(
-                f"the calibration tokens differ from those the teacher targets in {directory} were computed on "
+                f"the {what} tokens differ from those the teacher targets in {directory} were computed on "
                 "(did the data source change?); restore the data, or start a new run in another --out"
             )
-    logger.info(
-        f"teacher: top-{session.cfg.search.topk} logits of {tuple(session.calibration.shape)} calibration tokens"
-    )
+    logger.info(f"teacher: top-{session.cfg.search.topk} logits of {tuple(tokens.shape)} {what} tokens")
     return compute_and_save_teacher_targets(
         session.model,
-        session.calibration,
+        tokens,
         session.cfg.search.topk,
         directory,
         batch_size=session.cfg.search.batch_size,
@@ -151,8 +278,10 @@ def run_iteration(
     centres: list[int],
     make_evaluator: Callable[[SupernetStore], object],
     progress: bool = True,
+    make_validator: Callable[[SupernetStore, object | None], Validator | None] | None = None,
 ) -> IterationResult:
-    """Build the supernet around `centres` with this iteration's step, then let the method choose."""
+    """Build the supernet around `centres` with this iteration's step, then let the method choose; with
+    validation, the result is the better of the method's choice and the start on the validation windows."""
     if run_dir.result_path(iteration).is_file():
         return _read_result(run_dir, iteration, session.adapter.num_layers)
     logger.info(f"iteration {iteration}: building the supernet")
@@ -171,11 +300,47 @@ def run_iteration(
         run=run_dir,
         iteration=iteration,
         make_evaluator=make_evaluator,
-        evolution_config=lambda generations: evolution_config(cfg, generations),
+        evolution_config=lambda generations: evolution_config(cfg, generations, iteration),
         log=logger.info,
+        make_validator=lambda evaluator: None if make_validator is None else make_validator(store, evaluator),
     )
     allocation = methods.method(cfg.search.method).allocate(context)
+    if make_validator is not None:
+        allocation = validated(allocation, context, lambda: make_validator(store, None))
     return _save_result(session, store, run_dir, iteration, allocation)
+
+
+def validated(
+    allocation: methods.Allocation,
+    ctx: methods.MethodContext,
+    make_validator: Callable[[], Validator | None],
+) -> methods.Allocation:
+    """`allocation` with its and the start genome's validation KL (measured here unless the method did), or the
+    start instead when that is strictly better on validation. Unchanged without validation windows."""
+    start = ctx.centre
+    chosen_kl, start_kl = allocation.validation_kl, allocation.start_validation_kl
+    if chosen_kl is None or start_kl is None:
+        validator = make_validator()
+        if validator is None:
+            return allocation
+        try:
+            if start_kl is None:
+                start_kl = validator([start])[0]
+            if chosen_kl is None:
+                chosen_kl = start_kl if allocation.genome == start else validator([allocation.genome])[0]
+        finally:
+            validator.close()
+    allocation = dataclasses.replace(allocation, validation_kl=chosen_kl, start_validation_kl=start_kl)
+    ctx.log(
+        f"iteration {ctx.iteration}: validation KL {chosen_kl:.5f} of the {ctx.session.cfg.search.method} result, "
+        f"{start_kl:.5f} of the start"
+    )
+    if start_kl < chosen_kl or (math.isnan(chosen_kl) and not math.isnan(start_kl)):
+        ctx.log(f"iteration {ctx.iteration}: the start is better on validation; it is the result")
+        return dataclasses.replace(
+            allocation, genome=start, fitness=None, validation_kl=start_kl, chosen_generation=0
+        )
+    return allocation
 
 
 def _save_result(
@@ -200,9 +365,23 @@ def _save_result(
             "centres": chosen,
             "generations": allocation.generations,
             "evaluations": allocation.evaluations,
+            "validation_kl": _json_float(allocation.validation_kl),
+            "start_validation_kl": _json_float(allocation.start_validation_kl),
+            "chosen_generation": allocation.chosen_generation,
         },
     )
-    return IterationResult(iteration, genome, allocation.fitness, chosen, session.cfg.search.method)
+    return IterationResult(
+        iteration,
+        genome,
+        allocation.fitness,
+        chosen,
+        session.cfg.search.method,
+        _json_float(allocation.validation_kl),
+    )
+
+
+def _json_float(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _read_result(run_dir: RunDir, iteration: int, num_layers: int) -> IterationResult:
@@ -215,6 +394,7 @@ def _read_result(run_dir: RunDir, iteration: int, num_layers: int) -> IterationR
             data["fitness"],
             [int(c) for c in data["centres"]],
             data.get("method"),
+            data.get("validation_kl"),
         )
     except (TypeError, KeyError, ValueError) as e:
         raise TyrError(f"{path} is corrupt ({e}); delete it to redo that iteration's search") from None
@@ -266,18 +446,20 @@ def target_budget(session: pipeline.Session, ladders: list[GeneLadder]) -> Budge
     return Budget("per_type", max_params, units)
 
 
-def evolution_config(cfg: RunConfig, num_generations: int) -> EvolutionConfig:
+def evolution_config(cfg: RunConfig, num_generations: int, iteration: int = 1) -> EvolutionConfig:
+    """The evolution's schedule in iteration `iteration` (its stages and the selection rule)."""
     se = cfg.search
     evo = EvolutionConfig(
         num_generations=max(num_generations, 1),
         num_offspring=se.num_offspring,
-        stages=tuple(Stage(int(s), int(t)) for s, t in se.stages),
+        stages=tuple(Stage(int(s), int(t)) for s, t in se.stages_for(iteration)),
         max_mutations=se.max_mutations,
         max_level_distance=se.max_level_distance,
+        selection=se.selection,
     )
     evo.validate()
     if num_generations == 0:
-        evo = EvolutionConfig(0, evo.num_offspring, evo.stages, evo.max_mutations, evo.max_level_distance)
+        evo = dataclasses.replace(evo, num_generations=0)
     return evo
 
 
@@ -286,7 +468,14 @@ def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult
 
     A finished run is measured again only when its held-out data changed (evaluation is not run identity).
     """
-    selection = Selection(result.iteration, result.genome, result.fitness, result.method)
+    selection = Selection(
+        result.iteration, result.genome, result.fitness, result.method, result.validation_kl
+    )
+    if result.validation_kl is not None:
+        logger.info(
+            f"final model: iteration {result.iteration}'s result, the best on validation "
+            f"(KL {result.validation_kl:.5f})"
+        )
     last = verified_supernet(session, run_dir, selection.iteration, progress)
     first = last if selection.iteration == 1 else verified_supernet(session, run_dir, 1, progress)
     evaluation = evaluation_record(session)
@@ -334,10 +523,14 @@ def verified_supernet(
 
 
 def _centres_of(session: pipeline.Session, run_dir: RunDir, iteration: int) -> list[int]:
-    """The centres iteration `iteration` was built around: the target's, or the previous result's."""
+    """The centres iteration `iteration` was built around: the target's, or the best earlier result's (the
+    previous one's without validation)."""
     if iteration == 1:
         return pipeline.uniform_centres(session.adapter, session.cfg)
-    return _read_result(run_dir, iteration - 1, session.adapter.num_layers).centres
+    best = None
+    for earlier in range(1, iteration):
+        best = best_of(best, _read_result(run_dir, earlier, session.adapter.num_layers))
+    return best.centres
 
 
 def evaluation_record(session: pipeline.Session) -> dict:

@@ -4,12 +4,13 @@
 RUN/.tyr-run                        marker: this folder was written by Tyr (format, Tyr version)
 RUN/config.yaml                     the run's identity (resolved config minus settings that cannot change results)
 RUN/teacher/                        dense top-K targets of the calibration set
+RUN/teacher-validation/             dense top-K targets of the validation windows (data.num_validation_sequences)
 RUN/iter-N/supernet/                iteration N's supernet (manifest.json + variants, build.json: device memory)
 RUN/iter-N/supernet-offload/        hidden states of a running build with supernet.offload=disk (temporary)
 RUN/iter-N/search/                  state.json, history.jsonl (and optuna.journal for sampled methods)
 RUN/iter-N/allocation.json          how a one-shot method chose (OWL's ratios, ...)
-RUN/iter-N/result.json              iteration N's chosen genome, fitness and the next iteration's centres
-RUN/final/selection.json            which iteration's result the final model is (iteration + genome)
+RUN/iter-N/result.json              iteration N's chosen genome, fitness, validation KL and its units removed per gene
+RUN/final/selection.json            which iteration's result the final model is (iteration + genome + validation KL)
 RUN/final/architecture.json         kept units per layer, exact parameter counts
 RUN/final/metrics.json              dense / uniform / searched held-out numbers
 RUN/report.md, RUN/plots/           `tyr report`
@@ -55,6 +56,7 @@ class Selection:
     genome: tuple[int, ...]
     fitness: float | None = None
     method: str | None = None
+    validation_kl: float | None = None  # None: the run has no validation windows
 
 
 class RunDir:
@@ -90,6 +92,11 @@ class RunDir:
     @property
     def teacher_dir(self) -> Path:
         return self.path / "teacher"
+
+    @property
+    def validation_teacher_dir(self) -> Path:
+        """Dense top-K targets of the validation windows (never read by the supernet build or the search)."""
+        return self.path / "teacher-validation"
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.path / f"iter-{int(iteration)}"
@@ -254,6 +261,7 @@ class RunDir:
                 tuple(int(x) for x in data["genome"]),
                 data.get("fitness"),
                 data.get("method"),
+                data.get("validation_kl"),
             )
         except (KeyError, TypeError, ValueError):
             raise TyrError(
@@ -446,6 +454,7 @@ class RunDir:
                 "genome": list(selection.genome),
                 "fitness": selection.fitness,
                 "method": selection.method,
+                "validation_kl": selection.validation_kl,
             },
         )
 
@@ -483,11 +492,14 @@ def config_difference(stored: dict, identity_text: str) -> str | None:
     """None when a stored config.yaml describes the same run as `identity_text`, else the first difference.
 
     Keys the stored config lacks read as their defaults (an older Tyr did not know them; defaults of added
-    keys reproduce the older behaviour), so adding a setting never orphans an existing run.
+    keys reproduce the older behaviour), so adding a setting never orphans an existing run; where a preset now
+    sets such a key, the preset's value counts as the default (`tyr.config.resumed_identity`).
     """
-    from tyr.config import config_from_stored, identity_dict
+    from tyr.config import config_from_stored, identity_dict, resumed_identity
 
     current = yaml.safe_load(identity_text)
+    if isinstance(current, dict):
+        current = resumed_identity(stored, current)
     try:
         old = identity_dict(config_from_stored(stored))
     except TyrError as e:

@@ -4,6 +4,11 @@
   2,048 / 16,384 / 131,072 tokens, top-8192 KL, 4M calibration tokens at length 4096). GPU-days for 8B.
 - cpu:   a short schedule that runs SmolLM2-135M on a 2-core laptop in about ten minutes (the demo).
 - smoke: seconds on a tiny model; for tests and quick checks of a set-up.
+
+All three select with paired comparisons and hold back validation windows (the next windows of the
+calibration draw; the calibration windows themselves are those of a run without them), which pick each
+iteration's result and the final model. In paper and cpu, later iterations get at least the generations and
+the last-stage tokens of earlier ones (smoke keeps its (3, 2): tests read its log lines). (Runs stored before these keys existed continue as they began: `tyr.config.resumed_config`.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from tyr.errors import TyrError
 
 PRESETS: dict[str, dict] = {
     "paper": {
-        "data": {"num_sequences": 1024, "seq_len": 4096},
+        "data": {"num_sequences": 1024, "seq_len": 4096, "num_validation_sequences": 32},
         "supernet": {"num_levels": 9, "attn_step": 0.125, "mlp_step": 0.125, "batch_size": 4},
         "search": {
             "num_iterations": 4,
@@ -22,25 +27,29 @@ PRESETS: dict[str, dict] = {
             "num_offspring": 128,
             "max_mutations": 4,
             "stages": [[16, 2048], [4, 16384], [1, 131072]],
+            "selection": "paired",
+            "validate_every": 10,
             "topk": 8192,
             "batch_size": 4,
         },
     },
     "cpu": {
-        "data": {"num_sequences": 32, "seq_len": 512},
+        "data": {"num_sequences": 32, "seq_len": 512, "num_validation_sequences": 8},
         "supernet": {"num_levels": 9},
         "search": {
             "num_iterations": 2,
-            "generations": [6, 4],
+            "generations": [5, 5],
             "num_offspring": 16,
             "max_mutations": 4,
             "stages": [[4, 512], [2, 1024], [1, 4096]],
+            "selection": "paired",
+            "validate_every": 2,
             "topk": 512,
             "batch_size": 8,
         },
     },
     "smoke": {
-        "data": {"num_sequences": 8, "seq_len": 32},
+        "data": {"num_sequences": 8, "seq_len": 32, "num_validation_sequences": 4},
         "supernet": {
             "num_levels": 5,
             "min_mlp_step": 4,
@@ -54,6 +63,8 @@ PRESETS: dict[str, dict] = {
             "num_offspring": 6,
             "max_mutations": 2,
             "stages": [[3, 64], [1, 128]],
+            "selection": "paired",
+            "validate_every": 1,
             "topk": 16,
             "batch_size": 4,
         },

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tyr.errors import TyrError
 from tyr.methods import is_one_shot as _method_is_one_shot
-from tyr.rundir import RunDir
+from tyr.rundir import RunDir, read_json_object
 
 
 def section(cfg: dict, name: str) -> dict:
@@ -63,6 +63,10 @@ class IterationProgress:
     best_fitness: float | None = None
     genes_built: int = 0
     eta_s: float | None = None  # search time left in this iteration (median s/generation x generations left)
+    # with validation windows: the result's validation KL (while searching: the best measured so far), and the
+    # start genome's
+    validation_kl: float | None = None
+    start_validation_kl: float | None = None
 
 
 @dataclass
@@ -82,6 +86,9 @@ class RunProgress:
     finished: bool
     iterations: list[IterationProgress] = field(default_factory=list)
     metrics: dict | None = None
+    # the final model's iteration and validation KL (final/selection.json; None before it exists)
+    selected_iteration: int | None = None
+    selected_validation_kl: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,6 +124,7 @@ def _progress(run: RunDir) -> RunProgress:
     etas = [it.eta_s for it in iterations if it.eta_s is not None]
     done = [it for it in iterations if it.stage == "done"]
     latest = current or (done[-1] if done else None)
+    selection = read_json_object(run.selection_path) or {}
     return RunProgress(
         run=str(run.path),
         model=section(cfg, "model").get("name"),
@@ -131,6 +139,8 @@ def _progress(run: RunDir) -> RunProgress:
         finished=metrics is not None,
         iterations=iterations,
         metrics=metrics,
+        selected_iteration=selection.get("iteration"),
+        selected_validation_kl=selection.get("validation_kl"),
     )
 
 
@@ -149,6 +159,8 @@ def _iteration_progress(run: RunDir, cfg: dict, iteration: int, total: int) -> I
             generations=total,
             best_fitness=result.get("fitness"),
             eta_s=0.0,
+            validation_kl=result.get("validation_kl"),
+            start_validation_kl=result.get("start_validation_kl"),
         )
     manifest = run.read_manifest(iteration)
     if manifest is None:
@@ -165,9 +177,27 @@ def _iteration_progress(run: RunDir, cfg: dict, iteration: int, total: int) -> I
         generation, best = len(history), min(fitness, default=None)
     seconds = [float(row["seconds"]) for row in history if "seconds" in row]
     eta = statistics.median(seconds) * max(total - len(seconds), 0) if seconds else None
+    start_kl, best_kl = searched_validation(state, history)
     return IterationProgress(
-        iteration, "searching", generation, total, best, len(manifest.get("genes", {})), eta
+        iteration,
+        "searching",
+        generation,
+        total,
+        best,
+        len(manifest.get("genes", {})),
+        eta,
+        validation_kl=best_kl,
+        start_validation_kl=start_kl,
     )
+
+
+def searched_validation(state: dict | None, history: list[dict]) -> tuple[float | None, float | None]:
+    """(start genome's, best so far) validation KL of a search in progress, from its state and history."""
+    start = ((state or {}).get("start_validated") or {}).get("validation_kl")
+    measured = [row["validation_kl"] for row in history if row.get("validation_kl") is not None]
+    if start is not None:
+        measured.append(start)
+    return start, min(measured, default=None)
 
 
 def run_status(run_dir: str | Path) -> list[str]:
@@ -189,6 +219,11 @@ def _status_lines(progress: RunProgress, cfg: dict) -> list[str]:
         lines.append(_iteration_line(it, progress.method))
     if progress.metrics is not None:
         lines.append(_finished_line(progress.metrics))
+        if progress.selected_validation_kl is not None:
+            lines.append(
+                f"  final model: iteration {progress.selected_iteration}'s result "
+                f"(the best validation KL, {format_kl(progress.selected_validation_kl)})"
+            )
     elif progress.eta_s:
         lines.append(
             f"  search time left (supernet builds not included): about {progress.eta_s / 60:.0f} min"
@@ -200,15 +235,17 @@ def _iteration_line(it: IterationProgress, method: str) -> str:
     head = f"  iteration {it.iteration}:"
     if it.stage == "not needed":
         return f"{head} not needed (method {method} is one-shot)"
+    validation = "" if it.validation_kl is None else f", validation KL {format_kl(it.validation_kl)}"
     if it.stage == "done":
         how = f"one-shot method {method}" if _method_is_one_shot(method) else f"{it.generation} generations"
-        return f"{head} done ({how}, best KL {format_kl(it.best_fitness)})"
+        return f"{head} done ({how}, best KL {format_kl(it.best_fitness)}{validation})"
     if it.stage == "pending":
         return f"{head} pending"
     if it.stage == "building":
         return f"{head} building the supernet ({it.genes_built} genes done)"
     return (
         f"{head} searching, generation {it.generation}/{it.generations}, best KL {format_kl(it.best_fitness)}"
+        + validation
     )
 
 
