@@ -10,6 +10,11 @@ Given ``H = sum X^T X`` over calibration tokens, the pruner
    compensating the remaining rows after every round, and
 2. re-fits the kept rows by exact ridge-damped least squares against the dense output ``X W``.
 
+The ridge has two forms (``PrunerOptions.refit``): ``zero`` solves ``Hd[K, K] W_K = (H W)[K]``, which shrinks
+the kept rows toward zero (Tyr's default); ``dense`` solves ``Hd[K, K] W_K = (Hd W)[K]``, which shrinks them
+toward the dense weights (the official Týr code: its G is computed from the damped H). With nothing removed
+``dense`` gives back W exactly, and its refit is the all-at-once OBS compensation of W.
+
 The solves run on the device of ``H`` in ``PrunerOptions.solve_dtype``: float64 by default, float32 as the fast
 path for GPUs whose float64 rate is a small fraction of their float32 rate (most non-datacenter ones); the
 float32 path keeps the same units on the test models and re-fits within 1e-4 of float64 (tests/test_pruner.py).
@@ -28,6 +33,7 @@ from tyr.supernet.units import unit_rows
 
 _COMPUTE = torch.float64
 _JITTERS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
+REFITS = ("zero", "dense")  # PrunerOptions.refit
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class PrunerOptions:
         num_rounds: number of progressive rounds; None means one group per round. Removal counts are split as
             evenly as possible (earlier rounds get the extra one), never more rounds than groups to remove.
         solve_dtype: dtype of the damped Hessian, its inverse and every solve (float64 or float32).
+        refit: the ridge's target: ``zero`` (``(H W)[K]``: shrink toward zero) or ``dense`` (``(Hd W)[K]``:
+            shrink toward the dense weights). See the module docstring.
     """
 
     damp: float = 0.01
@@ -48,6 +56,7 @@ class PrunerOptions:
     use_first_order: bool = False  # the paper's term; measured harmful on SmolLM2 (see tyr/config.py)
     num_rounds: int | None = None
     solve_dtype: torch.dtype = _COMPUTE
+    refit: str = "zero"
 
     def __post_init__(self) -> None:
         if not self.damp >= 0:  # also rejects NaN
@@ -56,6 +65,8 @@ class PrunerOptions:
             raise ValueError(f"num_rounds must be None or >= 1, got {self.num_rounds}")
         if self.solve_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"solve_dtype must be torch.float64 or torch.float32, got {self.solve_dtype}")
+        if self.refit not in REFITS:
+            raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
 
 
 @dataclass
@@ -64,13 +75,20 @@ class _Prepared:
 
     hd: torch.Tensor  # damped Hessian (dead diagonal set to 1), (d_in, d_in)
     hinv: torch.Tensor  # inverse of hd, (d_in, d_in)
-    g: torch.Tensor  # H_raw @ W, (d_in, d_out)
+    g: torch.Tensor  # H_raw @ W, (d_in, d_out): the gradient term of the scores
     w: torch.Tensor  # W with dead rows zeroed, (d_in, d_out)
+    refit: str = "zero"  # PrunerOptions.refit
+
+    @cached_property
+    def target(self) -> torch.Tensor:
+        """The right-hand side of the refit: ``H W`` (refit zero) or ``hd W`` (refit dense)."""
+        return self.hd @ self.w if self.refit == "dense" else self.g
 
     @cached_property
     def z(self) -> torch.Tensor:
-        """``hd^-1 G`` (the dense ridge solution), used by the Schur-complement refit."""
-        return self.hinv @ self.g
+        """``hd^-1 target`` (the ridge solution with nothing removed), used by the Schur-complement refit; for
+        refit dense that is W itself (taken exactly rather than through the inverse)."""
+        return self.w if self.refit == "dense" else self.hinv @ self.g
 
 
 def accumulate_hessian(H: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
@@ -170,7 +188,7 @@ def prune_levels(
             results.append(_prune_magnitude(W.to(device), group_size, num_remove, options.use_first_order))
         else:
             if prep is None:
-                prep = _prepare(H, W, options.damp, options.solve_dtype)
+                prep = _prepare(H, W, options.damp, options.solve_dtype, options.refit)
             kept = _select_mask(prep, group_size, num_remove, options)
             w_kept = _refit(prep, unit_rows(kept, group_size))
             results.append((kept, w_kept.to(torch.float32)))
@@ -178,12 +196,18 @@ def prune_levels(
 
 
 def refit_kept_rows(
-    H: torch.Tensor, W: torch.Tensor, kept_rows: torch.Tensor, damp: float, dtype: torch.dtype = _COMPUTE
+    H: torch.Tensor,
+    W: torch.Tensor,
+    kept_rows: torch.Tensor,
+    damp: float,
+    dtype: torch.dtype = _COMPUTE,
+    refit: str = "zero",
 ) -> torch.Tensor:
     """Ridge-damped least-squares refit of the kept rows against the dense output ``X W``.
 
-    Solves ``Hd[K, K] W_K = (H W)[K]`` with ``Hd = H + damp * mean(diag H) * I`` (dead diagonal set to 1).
-    With ``damp = 0`` this is ``argmin ||X[:, K] W_K - X W||``.
+    Solves ``Hd[K, K] W_K = (H W)[K]`` (refit zero) or ``Hd[K, K] W_K = (Hd W)[K]`` (refit dense) with
+    ``Hd = H + damp * mean(diag H) * I`` (dead diagonal set to 1). With ``damp = 0`` both are
+    ``argmin ||X[:, K] W_K - X W||``.
 
     Args:
         H: undamped ``sum X^T X``, (d_in, d_in).
@@ -191,11 +215,14 @@ def refit_kept_rows(
         kept_rows: int64 row indices K.
         damp: relative ridge damping.
         dtype: dtype of the solve (float64 or float32).
+        refit: ``zero`` or ``dense`` (see `PrunerOptions.refit`).
 
     Returns:
         ``W_K`` in `dtype`, (len(K), d_out), on ``H.device``.
     """
-    return _refit(_prepare(H, W, damp, dtype), kept_rows.to(device=H.device, dtype=torch.int64))
+    if refit not in REFITS:
+        raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {refit!r}")
+    return _refit(_prepare(H, W, damp, dtype, refit), kept_rows.to(device=H.device, dtype=torch.int64))
 
 
 def working_bytes(d_in: int, d_out: int, options: PrunerOptions) -> int:
@@ -251,14 +278,16 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return hd
 
 
-def _prepare(H: torch.Tensor, W: torch.Tensor, damp: float, dtype: torch.dtype = _COMPUTE) -> _Prepared:
+def _prepare(
+    H: torch.Tensor, W: torch.Tensor, damp: float, dtype: torch.dtype = _COMPUTE, refit: str = "zero"
+) -> _Prepared:
     """Compute the damped Hessian, its inverse, G and the dead-zeroed W in `dtype`."""
     h = H.to(dtype)
     dead = h.diagonal() == 0
     w = W.to(device=H.device, dtype=dtype).masked_fill(dead[:, None], 0.0)
     hd = _damped(h, damp)
     hinv = torch.cholesky_inverse(_cholesky(hd))
-    return _Prepared(hd=hd, hinv=hinv, g=h @ w, w=w)
+    return _Prepared(hd=hd, hinv=hinv, g=h @ w, w=w, refit=refit)
 
 
 def _diag_blocks(hinv: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -350,17 +379,18 @@ def _select_mask(prep: _Prepared, group_size: int, num_remove: int, options: Pru
 
 
 def _refit(prep: _Prepared, kept_rows: torch.Tensor) -> torch.Tensor:
-    """Solve ``hd[K, K] W_K = G[K]`` (solve dtype), by the cheaper of a direct and a Schur-complement solve."""
+    """Solve ``hd[K, K] W_K = target[K]`` (solve dtype), by the cheaper of a direct and a Schur-complement
+    solve."""
     d_in, d_out = prep.g.shape
     k, n = kept_rows.numel(), d_in - kept_rows.numel()
     if n**3 / 3 + n * n * k + 2 * n * k * d_out < k**3 / 3 + 2 * k * k * d_out:
         return _refit_schur(prep, kept_rows)
     a = prep.hd.index_select(0, kept_rows).index_select(1, kept_rows)
-    return torch.cholesky_solve(prep.g.index_select(0, kept_rows), _cholesky(a))
+    return torch.cholesky_solve(prep.target.index_select(0, kept_rows), _cholesky(a))
 
 
 def _refit_schur(prep: _Prepared, kept_rows: torch.Tensor) -> torch.Tensor:
-    """``W_K = Z_K - Hinv_KP Hinv_PP^-1 Z_P`` with ``Z = hd^-1 G``: equal to the direct solve, cheap when few
+    """``W_K = Z_K - Hinv_KP Hinv_PP^-1 Z_P`` with ``Z = hd^-1 target``: equal to the direct solve, cheap when few
     rows are removed (it is the all-at-once OBS compensation of the dense ridge solution)."""
     keep_mask = torch.zeros(prep.g.shape[0], dtype=torch.bool, device=prep.g.device)
     keep_mask[kept_rows] = True

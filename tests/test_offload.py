@@ -164,11 +164,12 @@ def test_build_settings_identity():
     assert RunConfig().supernet.offload == "auto"
     default = resolve_config(None, [])
     stored = yaml.safe_load(dump_yaml(default))
-    for key in ("hessian_tf32", "solve_dtype"):
+    for key in ("hessian_tf32", "solve_dtype", "refit"):
         del stored["supernet"][key]  # as an older Tyr wrote it
     assert config_difference(stored, dump_yaml(default)) is None
     changed = resolve_config(None, ["supernet.solve_dtype=float32"])
     assert "solve_dtype" in config_difference(stored, dump_yaml(changed))
+    assert "refit" in config_difference(stored, dump_yaml(resolve_config(None, ["supernet.refit=dense"])))
 
 
 @pytest.mark.parametrize(
@@ -177,6 +178,7 @@ def test_build_settings_identity():
         ("supernet.offload=gpu", "supernet.offload must be one of"),
         ("supernet.solve_dtype=float16", "supernet.solve_dtype must be one of"),
         ("supernet.offload_dir=", "supernet.offload_dir must name a folder"),
+        ("supernet.refit=ones", "supernet.refit must be one of"),
     ],
 )
 def test_bad_build_settings_are_refused(override, message):
@@ -184,3 +186,19 @@ def test_bad_build_settings_are_refused(override, message):
 
     with pytest.raises(TyrError, match=message):
         resolve_config(None, [override])
+
+
+@pytest.mark.parametrize("other", ["supernet.criterion=wanda-sp", "supernet.use_hessian=false"])
+def test_dense_refit_needs_the_tyr_refit(other):
+    from tyr.errors import TyrError
+
+    with pytest.raises(TyrError, match="leave supernet.refit at zero"):
+        resolve_config(None, ["supernet.refit=dense", other])
+
+
+def test_refit_reaches_the_pruner_options():
+    from tyr.pipeline import build_plan
+
+    plan = build_plan(resolve_config(None, ["supernet.refit=dense"]), [])
+    assert plan.attn_options.refit == plan.mlp_options.refit == "dense"
+    assert build_plan(resolve_config(None, []), []).mlp_options.refit == "zero"

@@ -120,6 +120,45 @@ def test_refit_equals_lstsq_and_ridge(num_kept: int) -> None:
     torch.testing.assert_close(refit_kept_rows(H, W, K, damp=damp), ridge, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("num_kept", [3, 12, 21, 24])  # direct and Schur paths, and nothing removed
+def test_dense_refit_is_ridge_toward_the_dense_weights(num_kept: int) -> None:
+    """refit dense = argmin ||X_K W_K - X W||^2 + lam ||W_K - W[K]||^2, by brute-force least squares on the
+    augmented system [X_K; sqrt(lam) I] W_K = [X W; sqrt(lam) W[K]]."""
+    X, W = _problem(3)
+    H = X.T @ X
+    K = torch.sort(torch.randperm(24, generator=_gen(4))[:num_kept]).values
+    damp = 0.05
+    lam = damp * H.diagonal().mean()
+    a = torch.cat([X[:, K], lam.sqrt() * torch.eye(num_kept, dtype=F64)])
+    b = torch.cat([X @ W, lam.sqrt() * W[K]])
+    brute = torch.linalg.lstsq(a, b).solution
+    dense = refit_kept_rows(H, W, K, damp=damp, refit="dense")
+    torch.testing.assert_close(dense, brute, rtol=1e-8, atol=1e-8)
+    if num_kept == 24:  # nothing removed: the dense weights themselves
+        torch.testing.assert_close(dense, W, rtol=0, atol=1e-12)
+    else:  # the two forms differ when rows are removed
+        assert not torch.allclose(dense, refit_kept_rows(H, W, K, damp=damp))
+    # with no damping both forms are plain least squares
+    torch.testing.assert_close(
+        refit_kept_rows(H, W, K, damp=0.0, refit="dense"), _lstsq(X, W, K), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_prune_levels_dense_refit_keeps_the_mask_and_refits_toward_w() -> None:
+    """The refit target does not change which units are removed, only the kept rows' weights."""
+    X, W = _problem(5)
+    H = X.T @ X
+    zero = prune_levels(H, W, 4, [1, 3], PrunerOptions(num_rounds=2))
+    dense = prune_levels(H, W, 4, [1, 3], PrunerOptions(num_rounds=2, refit="dense"))
+    for (kz, wz), (kd, wd) in zip(zero, dense, strict=True):
+        assert torch.equal(kz, kd)
+        ref = refit_kept_rows(H, W, _rows(kd, 4), damp=0.01, refit="dense")
+        torch.testing.assert_close(wd.to(F64), ref, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(wz, wd)
+    with pytest.raises(ValueError, match="refit must be one of"):
+        PrunerOptions(refit="ones")
+
+
 @pytest.mark.parametrize("group_size", [1, 4])
 @pytest.mark.parametrize("num_rounds", [None, 3])
 def test_prune_groups_refit_is_least_squares(group_size: int, num_rounds: int | None) -> None:

@@ -74,6 +74,10 @@ class SupernetConfig:
     # default); magnitude, wanda-sp and flap are the score-only baselines (flap adds a bias compensation).
     criterion: str = "tyr"  # a name registered in tyr.supernet.criteria.CRITERIA
     damp: float = 0.01
+    # The ridge refit's target (criterion tyr): zero solves Hd[K,K] W_K = (H W)[K], shrinking kept weights toward
+    # zero (Tyr's default, and what runs stored before this key did); dense solves Hd[K,K] W_K = (Hd W)[K],
+    # shrinking them toward the dense weights (the official Týr code). tyr.supernet.pruner has the details.
+    refit: Literal["zero", "dense"] = "zero"
     use_hessian: bool = True  # ablation switches of the local pruner (paper Table 7)
     # Off by default: the signed first-order term of the official code (Σ W_g ⊙ G_g, G = H·W) measurably hurts
     # here (SmolLM2-135M, 50%, uniform structure: held-out ppl 152.4 with it, 116.2 without).
@@ -332,6 +336,14 @@ def _validate_supernet(sn: SupernetConfig) -> None:
     for name in ("attn_rounds", "mlp_rounds"):  # None = one unit per round
         _at_least(f"supernet.{name}", getattr(sn, name), 1)
     _at_least("supernet.damp", sn.damp, 0)
+    if sn.refit not in ("zero", "dense"):
+        raise TyrError(f"supernet.refit must be zero or dense, got {sn.refit!r}")
+    if sn.refit != "zero" and (sn.criterion != "tyr" or not sn.use_hessian):
+        raise TyrError(
+            f"supernet.refit={sn.refit} changes the least-squares refit of criterion tyr with use_hessian on; "
+            f"criterion {sn.criterion!r}{'' if sn.use_hessian else ' without the Hessian'} does not refit: "
+            "leave supernet.refit at zero"
+        )
     _check_dtype("supernet.storage_dtype", sn.storage_dtype)
     if sn.offload_dir is not None and (
         not sn.offload_dir.strip() or Path(sn.offload_dir).expanduser().is_file()

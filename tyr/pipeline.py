@@ -173,8 +173,12 @@ def build_plan(cfg: RunConfig, ladders: list[Ladder]) -> BuildPlan:
         ladders=ladders,
         accumulation=sn.accumulation,
         criterion=sn.criterion,
-        attn_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.attn_rounds, solve),
-        mlp_options=PrunerOptions(sn.damp, sn.use_hessian, sn.use_first_order, sn.mlp_rounds, solve),
+        attn_options=PrunerOptions(
+            sn.damp, sn.use_hessian, sn.use_first_order, sn.attn_rounds, solve, sn.refit
+        ),
+        mlp_options=PrunerOptions(
+            sn.damp, sn.use_hessian, sn.use_first_order, sn.mlp_rounds, solve, sn.refit
+        ),
         batch_size=sn.batch_size,
         storage_dtype=storage,
         hessian_tf32=sn.hessian_tf32,
