@@ -89,6 +89,10 @@ def test_ray_line_names_workers_address_and_resources(monkeypatch, capsys, tmp_p
         def get_runtime_context():
             return Context()
 
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 8.0}  # no GPUs: num_gpus_per_worker auto gives CPU workers
+
     monkeypatch.setattr(cluster, "_ray", lambda: FakeRay)
     monkeypatch.setattr(cluster, "connect", lambda address, verbose=False: False)
     monkeypatch.setattr(cluster.RayWorkerPool, "_check_resources", lambda self: None)

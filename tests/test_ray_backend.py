@@ -24,7 +24,7 @@ import yaml
 
 from tests.conftest import smoke_args
 from tyr.cluster import RayEvaluator, RayWorkerPool, _worker_device
-from tyr.config import RunConfig, from_dict
+from tyr.config import RunConfig, from_dict, resolve_config, to_dict
 from tyr.errors import TyrError
 from tyr.search.batch import Batch
 from tyr.search.evaluator import SerialEvaluator
@@ -129,9 +129,12 @@ def reference(ray_run):
 def pool2(ray_run, tmp_path_factory):
     """A 2-worker pool shared by several tests, with the fault-injection file armed by tests that want it."""
     run_dir, cfg = ray_run
-    fault = tmp_path_factory.mktemp("ray-fault") / "crash-now"
-    pool = RayWorkerPool(cfg, run_dir, 2, num_cpus_per_worker=CPUS_PER_WORKER, fault_file=str(fault))
-    pool.fault_path = fault
+    faults = tmp_path_factory.mktemp("ray-fault")
+    fault, hang = faults / "crash-now", faults / "hang-now"
+    pool = RayWorkerPool(
+        cfg, run_dir, 2, num_cpus_per_worker=CPUS_PER_WORKER, fault_file=str(fault), hang_file=str(hang)
+    )
+    pool.fault_path, pool.hang_path = fault, hang
     yield pool
     pool.close()
 
@@ -406,7 +409,9 @@ def test_factory_keeps_one_pool_for_the_run(ray_run, reference):
     from tyr.cluster import ray_evaluator_factory
 
     run_dir, cfg = ray_run
-    factory = ray_evaluator_factory(cfg, run_dir, 1, num_cpus_per_worker=CPUS_PER_WORKER)
+    cfg = from_dict(RunConfig, to_dict(cfg))
+    cfg.backend.num_workers, cfg.backend.num_cpus_per_worker = 1, CPUS_PER_WORKER
+    factory = ray_evaluator_factory(cfg, run_dir)
     try:
         pids = set()
         for it in (1, 2):
@@ -493,7 +498,98 @@ def test_worker_killed_between_calls_is_replaced(ray_run, reference, pool2):
     assert pool2.stats.restarts == restarts + 2
 
 
+@pytest.mark.slow
+def test_a_hung_worker_is_replaced_and_its_units_rerun(ray_run, reference, pool2):
+    """A worker that sleeps forever mid-call (a hung GPU or NFS read) is killed after backend.call_timeout_s
+    (20 s) and replaced; the call ends with the serial values."""
+    run_dir, cfg = ray_run
+    evaluator = RayEvaluator(cfg, run_dir, run_dir / "iter-1" / "supernet", pool=pool2)
+    genomes = _candidates(reference.spaces[1], 6, seed=8)
+    want = reference.values(1, genomes, BATCHES[0])
+    failures, restarts = pool2.stats.failures, pool2.stats.restarts
+    pool2.call_timeout_s = 20.0
+    try:
+        pool2.hang_path.touch()
+        t0 = time.monotonic()
+        assert evaluator(genomes, BATCHES[0]) == want
+        assert time.monotonic() - t0 >= 20.0
+    finally:
+        pool2.call_timeout_s = None
+    assert not pool2.hang_path.exists()
+    assert (pool2.stats.failures, pool2.stats.restarts) == (failures + 1, restarts + 1)
+    assert evaluator(genomes, BATCHES[1]) == reference.values(1, genomes, BATCHES[1])
+
+
 # -- Ray: configuration errors ---------------------------------------------------------------------------------------
+
+
+def test_gpus_per_worker_auto_and_an_explicit_zero_on_a_gpu_cluster():
+    from tyr.cluster import resolve_gpus_per_worker
+
+    assert resolve_gpus_per_worker("auto", 8) == 1.0
+    assert resolve_gpus_per_worker("auto", 0) == 0.0
+    assert resolve_gpus_per_worker(4, 8) == 4.0
+    assert resolve_gpus_per_worker(0, 0) == 0.0
+    with pytest.raises(TyrError, match="allow_cpu_workers=true"):
+        resolve_gpus_per_worker(0, 8)
+    assert resolve_gpus_per_worker(0, 8, allow_cpu_workers=True) == 0.0
+    assert RunConfig().backend.num_gpus_per_worker == "auto"
+    for bad, message in [
+        ("backend.num_gpus_per_worker=many", "num_gpus_per_worker must be"),
+        ("backend.call_timeout_s=0", "call_timeout_s must be > 0"),
+        ("backend.startup_timeout_s=-1", "startup_timeout_s must be > 0"),
+    ]:
+        with pytest.raises(TyrError, match=message):
+            resolve_config(None, [bad])
+
+
+def test_workers_must_fit_on_one_node():
+    from tyr.cluster import workers_that_fit
+
+    two_gpu_nodes = [{"Alive": True, "Resources": {"CPU": 32.0, "GPU": 2.0}}] * 4
+    assert workers_that_fit(two_gpu_nodes, 1, 4) == 0  # 8 GPUs in all, but no node holds a 4-GPU worker
+    assert workers_that_fit(two_gpu_nodes, 1, 2) == 4
+    assert workers_that_fit(two_gpu_nodes, 1, 0.5) == 16
+    assert workers_that_fit(two_gpu_nodes, 12, 1) == 8  # CPUs bind: 2 per node
+    dead = [{"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    assert workers_that_fit(dead + two_gpu_nodes[:1], 1, 1) == 2
+    assert workers_that_fit(two_gpu_nodes, 0, 0) >= 1 << 20
+
+
+def test_only_hub_and_tyr_variables_reach_the_actors():
+    from tyr.cluster import forwarded_environment
+
+    env = {"HF_TOKEN": "t", "HF_HOME": "/cache", "TYR_X": "1", "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+    assert forwarded_environment(env) == {"HF_TOKEN": "t", "HF_HOME": "/cache", "TYR_X": "1"}
+
+
+def test_a_replacement_that_is_never_placed_is_retired(monkeypatch):
+    """The evaluate loop's deadline for set-ups (the replacement of a dead actor that no node can take): the slot
+    is retired after startup_timeout_s; with none left the call fails with a clear error, never waits forever."""
+    from tyr import cluster
+    from tyr.cluster import ActorPool, _Slot
+
+    class FakeRay:
+        killed = []
+
+        @classmethod
+        def kill(cls, actor, no_restart=True):
+            cls.killed.append(actor)
+
+    monkeypatch.setattr(cluster, "_ray", lambda: FakeRay)
+    pool = ActorPool.__new__(ActorPool)
+    pool.startup_timeout_s, pool._last_error = 5.0, "ActorDiedError"
+    now = time.monotonic()
+    waiting, fresh = _Slot(0, actor="a0", setup_since=now - 10), _Slot(1, actor="a1", setup_since=now)
+    pool.slots = [waiting, fresh]
+    setups = {"ref0": (waiting, waiting.generation), "ref1": (fresh, fresh.generation)}
+    pool._give_up_unplaced(setups)
+    assert waiting.retired and not fresh.retired and list(setups) == ["ref1"] and FakeRay.killed == ["a0"]
+    pool._check_not_all_retired()  # one worker left: the call goes on
+    fresh.setup_since = now - 10
+    pool._give_up_unplaced(setups)
+    with pytest.raises(TyrError, match="every Ray worker"):
+        pool._check_not_all_retired()
 
 
 @pytest.mark.slow

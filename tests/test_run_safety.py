@@ -326,3 +326,53 @@ def test_report_escapes_strings_from_run_files(run_copy, capsys):
     summary = text.split("## Summary")[1].split("##")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ")]
     assert all(row.count(" | ") == 1 for row in rows)  # two cells per row: no cell was split by a '|'
+
+
+def test_a_resumed_run_reads_its_kept_windows_not_a_changed_source(tiny_assets, tmp_path, capsys):
+    """RUN/data/ keeps the calibration and validation windows: a run whose data file changed since it started
+    resumes on its own windows with the same result (without them it is refused: the teacher's hash differs)."""
+    from tests.tiny import write_corpus
+    from tyr.data import load_tokens
+
+    data = tmp_path / "calib.txt"
+    shutil.copy(tiny_assets["data"], data)
+    assets, out = {**tiny_assets, "data": str(data)}, tmp_path / "run"
+    assert main(smoke_args(assets, out)) == 0
+    run = RunDir(out)
+    assert load_tokens(run.tokens_path("calibration"), (8, 32)) is not None
+    assert load_tokens(run.tokens_path("validation"), (4, 32)) is not None
+    architecture = run.read_architecture()
+    shutil.rmtree(run.final_dir)  # redo iteration 2's search and the final model: they read the windows
+    shutil.rmtree(run.iteration_dir(2))
+    write_corpus(data, num_docs=40, seed=7)  # the source changed since the run started
+
+    kept = out / "data"
+    kept.rename(tmp_path / "kept")
+    assert "calibration tokens differ" in _error(capsys, smoke_args(assets, out))
+    (tmp_path / "kept").rename(kept)
+    assert main(smoke_args(assets, out)) == 0
+    assert run.read_architecture() == architecture
+
+
+def test_damaged_kept_windows_are_read_again(tmp_path, monkeypatch):
+    import torch
+
+    from tyr import data
+
+    warnings = []
+    monkeypatch.setattr(data.logger, "warning", warnings.append)
+
+    from tyr.data import load_tokens, save_tokens
+
+    path = tmp_path / "data" / "calibration.safetensors"
+    tokens = torch.arange(12, dtype=torch.int64).reshape(3, 4)
+    save_tokens(path, tokens)
+    assert torch.equal(load_tokens(path, (3, 4)), tokens)
+    assert load_tokens(path, (4, 3)) is None  # another shape: not this config's windows
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    assert load_tokens(path, (3, 4)) is None and "damaged" in warnings[-1]
+    path.write_bytes(b"not safetensors")
+    assert load_tokens(path, (3, 4)) is None and "unreadable" in warnings[-1]
+    assert load_tokens(tmp_path / "missing.safetensors", (3, 4)) is None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -41,13 +42,17 @@ from tyr.search.scheduling import WorkQueue, assign, unit_blocks
 from tyr.search.space import Genome
 
 __all__ = [
+    "FORWARDED_ENV_PREFIXES",
     "ActorPool",
     "RayEvaluator",
     "RayEvaluatorFactory",
     "RayStats",
     "RayWorkerPool",
     "connect",
+    "forwarded_environment",
     "ray_evaluator_factory",
+    "resolve_gpus_per_worker",
+    "workers_that_fit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,9 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0  # TCP check of a cluster address before Ray is asked to join it
 PIPELINE_DEPTH = 2  # calls in flight per worker, so a worker never waits for the driver between chunks
 _WAIT_POLL_S = 1.0  # ray.wait timeout in the scheduling loop (keeps Ctrl-C responsive)
+# The driver's environment variables that reach the actors (`runtime_env`): hub tokens and cache paths (HF_HOME,
+# HF_TOKEN, HF_HUB_OFFLINE, ...) and Tyr's own. Nothing else: a cluster's nodes keep their own PATH, CUDA, etc.
+FORWARDED_ENV_PREFIXES = ("HF_", "TYR_")
 
 
 def _ray():
@@ -104,7 +112,13 @@ def connect(
         return False
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
-    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    quiet: dict[str, Any] = {
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
+    env = forwarded_environment()
+    if env:  # actors on other nodes do not inherit the driver's environment
+        quiet["runtime_env"] = {"env_vars": env}
     if address is None:
         kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, **quiet}
         if num_cpus is not None:
@@ -113,7 +127,7 @@ def connect(
         kwargs = {"address": "auto", **quiet}
     elif address.startswith("ray://"):
         _check_reachable(address, timeout_s)
-        kwargs = {"address": address}
+        kwargs = {"address": address, **({"runtime_env": quiet["runtime_env"]} if env else {})}
     else:
         _check_reachable(address, timeout_s)
         kwargs = {"address": address, **quiet}
@@ -123,6 +137,64 @@ def connect(
         where = "start a local Ray instance" if address is None else f"join the Ray cluster at {address}"
         raise TyrError(f"cannot {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return address is None
+
+
+def forwarded_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of `environ` (default: this process's) that the actors get: names starting with one of
+    `FORWARDED_ENV_PREFIXES`."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+# -- what the workers ask of the cluster --------------------------------------------------------------------------
+
+
+def resolve_gpus_per_worker(
+    requested: float | str, cluster_gpus: float, allow_cpu_workers: bool = False
+) -> float:
+    """GPUs per worker for `backend.num_gpus_per_worker` on a cluster with `cluster_gpus` GPUs in all.
+
+    auto: 1 when the cluster has GPUs, else 0. An explicit 0 on a cluster with GPUs is refused unless
+    `allow_cpu_workers`: CPU fitness next to idle GPUs is almost always a forgotten setting.
+    """
+    if requested == "auto":
+        return 1.0 if cluster_gpus > 0 else 0.0
+    gpus = float(requested)
+    if gpus == 0 and cluster_gpus > 0 and not allow_cpu_workers:
+        raise TyrError(
+            f"backend.num_gpus_per_worker is 0 but the Ray cluster has {cluster_gpus:g} GPU(s): the workers would "
+            "evaluate on CPUs. Use backend.num_gpus_per_worker=auto (one GPU per worker) or a GPU count, or set "
+            "backend.allow_cpu_workers=true to use CPU workers anyway"
+        )
+    return gpus
+
+
+def workers_that_fit(nodes: Sequence[dict], num_cpus: float, num_gpus: float) -> int:
+    """How many workers of (`num_cpus`, `num_gpus`) the alive `nodes` (`ray.nodes()` entries) hold at once.
+
+    A worker's resources come from one node, so a 4-GPU worker fits on no 2-GPU node however many there are.
+    Requests of 0 CPU and 0 GPU fit anywhere (a large number is returned).
+    """
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources", {})
+        counts = [
+            math.floor(have.get(name, 0.0) / need + 1e-9)
+            for name, need in (("CPU", num_cpus), ("GPU", num_gpus))
+            if need > 0
+        ]
+        total += min(counts) if counts else 1 << 30
+    return total
+
+
+def _largest_node(nodes: Sequence[dict]) -> str:
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if not alive:
+        return "no node is alive"
+    best = max(alive, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)))
+    return f"the largest node has {best.get('CPU', 0.0):g} CPU, {best.get('GPU', 0.0):g} GPU"
 
 
 # -- the worker (runs inside a Ray actor) -----------------------------------------------------------------------
@@ -158,6 +230,7 @@ class _Worker:
 
         from tyr import pipeline
         from tyr.config import RunConfig, from_dict
+        from tyr.data import load_tokens
         from tyr.evaluators.teacher import TeacherTargets
 
         t0 = time.perf_counter()
@@ -172,7 +245,11 @@ class _Worker:
             cfg.model.placement = "single"  # the spreading below is this worker's placement
             if cfg.model.dtype == "auto":
                 cfg.model.dtype = "bfloat16"  # what `auto` gives on one GPU
-        session = pipeline.open_session(cfg, progress=False)
+        # the run's kept windows (RUN/data/, on the shared storage): no actor re-reads or re-tokenises the source
+        saved = load_tokens(
+            RunDir(spec["run_dir"]).tokens_path("calibration"), (cfg.data.num_sequences, cfg.data.seq_len)
+        )
+        session = pipeline.open_session(cfg, progress=False, calibration=saved)
         self.device_name = str(session.device)
         if multi_gpu:
             session.model = _dispatch_over_gpus(session.model)
@@ -247,6 +324,7 @@ class _Worker:
             if i == min(1, len(units) - 1):
                 self.evaluator.apply(genome)
                 self._maybe_fault()  # mid-unit: its genome applied, nothing scored
+                self._maybe_hang()
             sums.append(self.evaluator.unit_sums(genome, fitness_batch, (int(start), int(stop))))
         return {"sums": sums, "io": (self.evaluator.io_counters - before).to_json()}
 
@@ -261,6 +339,17 @@ class _Worker:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _maybe_hang(self) -> None:
+        """Test hook: sleep forever mid-call when the hang file exists (removed first): a hung GPU or NFS read."""
+        path = self.spec.get("hang_file")
+        if path and os.path.exists(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                return
+            while True:
+                time.sleep(3600)
 
     def noop(self, supernet_dir: str, fingerprint_hash: str, units: list[list], batch: dict) -> dict:
         """Scheduling + transfer only (benchmarks): what a call costs without an evaluation."""
@@ -311,6 +400,8 @@ class _Slot:
     consecutive_failures: int = 0
     retired: bool = False
     info: dict | None = None
+    busy_since: float | None = None  # monotonic time its oldest call in flight began (None: idle)
+    setup_since: float | None = None  # monotonic time its pending set-up call was made
 
 
 def _shippable_config(cfg: RunConfig) -> dict:
@@ -338,9 +429,15 @@ class ActorPool:
     `RayWorkerPool` is the pool of real workers; benchmarks use workers that simulate costs.
 
     Args:
-        spec: what each actor is constructed with.
+        spec: what each actor is constructed with (`num_gpus` is set to the GPUs per worker it gets).
         batch_size: sequences per work unit (the workers' forward size: `search.batch_size`).
         seq_len: the calibration sequences' length (positions scored by a whole-sequence batch).
+        num_gpus_per_worker: a number or "auto" (`resolve_gpus_per_worker`); every worker must fit on one
+            node (`workers_that_fit`).
+        call_timeout_s: a worker whose oldest call has run this long is taken as hung: it is killed and
+            replaced and its units re-run (None: no limit).
+        startup_timeout_s: how long an actor may take to be placed and set up: at the start (`prepare`) the
+            pool fails; a replacement that is not ready in time is retired and the others go on.
     """
 
     def __init__(
@@ -353,26 +450,38 @@ class ActorPool:
         seq_len: int,
         address: str | None = None,
         num_cpus_per_worker: float = 1,
-        num_gpus_per_worker: float = 0,
+        num_gpus_per_worker: float | str = "auto",
+        allow_cpu_workers: bool = False,
         verbose: bool = False,
         max_retries: int = 2,
+        call_timeout_s: float | None = None,
         startup_timeout_s: float = 900.0,
     ):
         _check_pool_options(num_workers, num_cpus_per_worker, num_gpus_per_worker, max_retries)
+        if call_timeout_s is not None and not call_timeout_s > 0:
+            raise TyrError(f"call_timeout_s must be > 0 or None, got {call_timeout_s}")
         self.worker_class = worker_class
-        self.spec = spec
         self.num_workers = num_workers
         self.batch_size = int(batch_size)
         self.seq_len = int(seq_len)
         self.num_cpus = float(num_cpus_per_worker)
-        self.num_gpus = float(num_gpus_per_worker)
         self.max_retries = max_retries
+        self.call_timeout_s = call_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.stats = RayStats()
         self.io = IOCounters()  # summed over the workers' completed calls
         self._closed = False
         self._last_error = ""
         self._started_ray = connect(address, verbose=verbose)
+        try:
+            self.num_gpus = resolve_gpus_per_worker(
+                num_gpus_per_worker, self._cluster_gpus(), allow_cpu_workers
+            )
+            _check_pool_options(num_workers, self.num_cpus, self.num_gpus, max_retries)
+        except TyrError:
+            self._shutdown_ray()
+            raise
+        self.spec = {**spec, "num_gpus": self.num_gpus}
         self._check_resources()
         logger.info(
             f"ray: {num_workers} worker(s) x ({self.num_cpus:g} CPU, {self.num_gpus:g} GPU) on "
@@ -383,18 +492,20 @@ class ActorPool:
             self._start_actor(slot)
 
     # ---- actors --------------------------------------------------------------------------------------------
+    def _cluster_gpus(self) -> float:
+        return float(_ray().cluster_resources().get("GPU", 0.0))
+
     def _check_resources(self) -> None:
-        ray = _ray()
-        have = ray.cluster_resources()
-        need = {"CPU": self.num_cpus * self.num_workers, "GPU": self.num_gpus * self.num_workers}
-        short = [
-            f"{k}: need {v:g}, cluster has {have.get(k, 0):g}" for k, v in need.items() if v > have.get(k, 0)
-        ]
-        if short:
+        """TyrError unless the cluster's alive nodes hold every worker at once, each on one node."""
+        nodes = _ray().nodes()
+        fit = workers_that_fit(nodes, self.num_cpus, self.num_gpus)
+        if fit < self.num_workers:
             self._shutdown_ray()
             raise TyrError(
                 f"the Ray cluster is too small for {self.num_workers} workers x ({self.num_cpus:g} CPU, "
-                f"{self.num_gpus:g} GPU): " + "; ".join(short) + ". Use fewer workers or smaller requests."
+                f"{self.num_gpus:g} GPU): its nodes hold {fit} such worker(s) at once, as each worker's resources "
+                f"must come from one node ({_largest_node(nodes)}). Use fewer workers or smaller requests, or add "
+                "nodes (see `ray status`)"
             )
 
     def _start_actor(self, slot: _Slot) -> None:
@@ -410,6 +521,16 @@ class ActorPool:
         slot.tail = None
         slot.in_flight = 0
         slot.info = None
+        slot.busy_since = None
+        slot.setup_since = None
+
+    def _retire(self, slot: _Slot, reason: str) -> None:
+        """Stop using `slot` for the rest of the run (its actor killed; late answers are ignored)."""
+        with contextlib.suppress(Exception):
+            _ray().kill(slot.actor, no_restart=True)
+        slot.retired, slot.actor, slot.ready_ref = True, None, None
+        slot.generation += 1
+        logger.warning(f"ray: worker {slot.index} retired ({reason})")
 
     def _replace_actor(self, slot: _Slot, error: BaseException) -> None:
         ray = _ray()
@@ -420,11 +541,7 @@ class ActorPool:
         with contextlib.suppress(Exception):  # already dead
             ray.kill(slot.actor, no_restart=True)
         if slot.consecutive_failures > self.max_retries:
-            slot.retired = True
-            slot.actor = None
-            logger.warning(
-                f"ray: worker {slot.index} retired after {slot.consecutive_failures} failures ({reason})"
-            )
+            self._retire(slot, f"{slot.consecutive_failures} failures; the last: {reason}")
             return
         logger.warning(f"ray: worker {slot.index} died ({reason}); starting a replacement")
         self.stats.restarts += 1
@@ -438,14 +555,45 @@ class ActorPool:
                 continue
             if slot.ready_ref is None:
                 slot.ready_ref = slot.actor.setup.remote(*supernet)
+                slot.setup_since = time.monotonic()
             refs[slot.ready_ref] = (slot, slot.generation)
         return refs
+
+    def _give_up_unplaced(self, setups: dict) -> None:
+        """Retire workers whose set-up has not finished within `startup_timeout_s` (a replacement that no node
+        can take, or a model load that hangs); drops their set-up refs from `setups`."""
+        now = time.monotonic()
+        for ref, (slot, generation) in list(setups.items()):
+            if generation != slot.generation or slot.setup_since is None:
+                continue
+            if now - slot.setup_since > self.startup_timeout_s:
+                del setups[ref]
+                self._retire(
+                    slot,
+                    f"not ready {self.startup_timeout_s:.0f} s after it was started: not placed on any node, or "
+                    "its set-up hangs; see `ray status`",
+                )
+
+    def _replace_hung(self) -> None:
+        """Kill and replace workers whose oldest call has run longer than `call_timeout_s`; their calls then fail
+        and their units go back to the queue (`_on_units_done`)."""
+        if self.call_timeout_s is None:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.retired or slot.busy_since is None or now - slot.busy_since <= self.call_timeout_s:
+                continue
+            self._replace_actor(
+                slot,
+                TimeoutError(f"a call gave no answer in {self.call_timeout_s:g} s (backend.call_timeout_s)"),
+            )
 
     def _on_setup_done(self, ref, slot: _Slot, generation: int) -> None:
         ray = _ray()
         if generation != slot.generation:
             return
         slot.ready_ref = None
+        slot.setup_since = None
         try:
             slot.info = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
@@ -522,6 +670,8 @@ class ActorPool:
                 payload = [[list(queue.unique[c]), *queue.blocks[b]] for c, b in units]
                 ref = getattr(slot.actor, method).remote(*supernet, payload, payload_batch)
                 in_flight[ref] = (slot, slot.generation, units)
+                if slot.busy_since is None:
+                    slot.busy_since = time.monotonic()
                 self.stats.chunks += 1
             if not in_flight and not setups:
                 self._check_not_all_retired()
@@ -533,7 +683,9 @@ class ActorPool:
                     self._on_setup_done(ref, *setups.pop(ref))
                 else:
                     self._on_units_done(ref, *in_flight.pop(ref), queue)
+            self._replace_hung()
             setups.update(self._setup_refs(supernet))
+            self._give_up_unplaced(setups)
             self._check_not_all_retired()
 
         self.stats.calls += 1
@@ -556,6 +708,7 @@ class ActorPool:
         if generation == slot.generation:
             slot.in_flight -= 1
             slot.consecutive_failures = 0
+            slot.busy_since = time.monotonic() if slot.in_flight else None  # its next call starts now
         queue.complete(units, result["sums"])
         self.stats.units += len(units)
         self.io = self.io + IOCounters.from_json(result["io"])
@@ -606,12 +759,15 @@ class RayWorkerPool(ActorPool):
         num_workers: int,
         address: str | None = None,
         num_cpus_per_worker: float = 1,
-        num_gpus_per_worker: float = 0,
+        num_gpus_per_worker: float | str = "auto",
+        allow_cpu_workers: bool = False,
         verbose: bool = False,
         max_retries: int = 2,
         num_threads: int | None = None,
+        call_timeout_s: float | None = None,
         startup_timeout_s: float = 900.0,
         fault_file: str | None = None,
+        hang_file: str | None = None,
     ):
         _check_pool_options(num_workers, num_cpus_per_worker, num_gpus_per_worker, max_retries)
         self.run_dir = Path(run_dir).resolve()
@@ -622,9 +778,9 @@ class RayWorkerPool(ActorPool):
             "config": _shippable_config(cfg),
             "run_dir": str(self.run_dir),
             "num_threads": self.num_threads,
-            "num_gpus": float(num_gpus_per_worker),
             "num_workers": num_workers,
             "fault_file": fault_file,
+            "hang_file": hang_file,
         }
         super().__init__(
             _Worker,
@@ -635,17 +791,23 @@ class RayWorkerPool(ActorPool):
             address=address,
             num_cpus_per_worker=num_cpus_per_worker,
             num_gpus_per_worker=num_gpus_per_worker,
+            allow_cpu_workers=allow_cpu_workers,
             verbose=verbose,
             max_retries=max_retries,
+            call_timeout_s=call_timeout_s,
             startup_timeout_s=startup_timeout_s,
         )
 
 
 def _check_pool_options(
-    num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float, max_retries: int
+    num_workers: int, num_cpus_per_worker: float, num_gpus_per_worker: float | str, max_retries: int
 ) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise TyrError(f"the Ray backend needs num_workers >= 1, got {num_workers!r}")
+    if num_gpus_per_worker == "auto":
+        num_gpus_per_worker = 0
+    elif isinstance(num_gpus_per_worker, str):
+        raise TyrError(f"num_gpus_per_worker must be auto or a number, got {num_gpus_per_worker!r}")
     if num_cpus_per_worker < 0 or num_gpus_per_worker < 0:
         raise TyrError("num_cpus_per_worker and num_gpus_per_worker must be >= 0")
     if num_gpus_per_worker > 1 and num_gpus_per_worker != int(num_gpus_per_worker):
@@ -691,12 +853,12 @@ class RayEvaluator:
         num_workers: int = 1,
         address: str | None = None,
         num_cpus_per_worker: float = 1,
-        num_gpus_per_worker: float = 0,
+        num_gpus_per_worker: float | str = "auto",
         verbose: bool = False,
         max_retries: int = 2,
         num_threads: int | None = None,
         pool: RayWorkerPool | None = None,
-        fault_file: str | None = None,
+        **pool_options: Any,
     ):
         from tyr.supernet.store import SupernetStore
 
@@ -713,7 +875,7 @@ class RayEvaluator:
             verbose=verbose,
             max_retries=max_retries,
             num_threads=num_threads,
-            fault_file=fault_file,
+            **pool_options,
         )
         try:
             self.pool.prepare(self.supernet_dir, self.fingerprint_hash)
@@ -764,23 +926,21 @@ class RayEvaluatorFactory:
 
 
 def ray_evaluator_factory(
-    cfg: RunConfig,
-    run_dir: str | os.PathLike,
-    num_workers: int,
-    address: str | None = None,
-    num_cpus_per_worker: float = 1,
-    num_gpus_per_worker: float = 0,
-    verbose: bool = False,
-    max_retries: int = 2,
+    cfg: RunConfig, run_dir: str | os.PathLike, verbose: bool = False
 ) -> RayEvaluatorFactory:
-    """What `tyr.run` needs: a callable giving each iteration's evaluator, the actors loaded once per run."""
+    """What `tyr.run` needs: a callable giving each iteration's evaluator, the actors (`cfg.backend`) loaded once
+    per run."""
+    b = cfg.backend
     return RayEvaluatorFactory(
         cfg,
         run_dir,
-        num_workers,
-        address=address,
-        num_cpus_per_worker=num_cpus_per_worker,
-        num_gpus_per_worker=num_gpus_per_worker,
+        b.num_workers,
+        address=b.address,
+        num_cpus_per_worker=b.num_cpus_per_worker,
+        num_gpus_per_worker=b.num_gpus_per_worker,
+        allow_cpu_workers=b.allow_cpu_workers,
         verbose=verbose,
-        max_retries=max_retries,
+        max_retries=b.max_retries,
+        call_timeout_s=b.call_timeout_s,
+        startup_timeout_s=b.startup_timeout_s,
     )

@@ -153,8 +153,18 @@ class BackendConfig:
     )
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
-    num_gpus_per_worker: float = 0.0
+    # auto: 1 GPU per worker when the cluster has GPUs, else 0 (CPU workers). An explicit 0 on a cluster with
+    # GPUs is refused unless allow_cpu_workers (CPU fitness there is almost always a mistake).
+    num_gpus_per_worker: float | Literal["auto"] = "auto"
+    allow_cpu_workers: bool = False
     max_retries: int = 2
+    # A call (a chunk of work units) unanswered this long: its actor is taken as hung, killed and replaced,
+    # and its units re-run elsewhere. None (default): wait as long as it takes. Set it to several times the
+    # longest call you expect (on the paper schedule one unit is one forward of batch_size sequences).
+    call_timeout_s: float | None = None
+    # How long an actor (a first one or a replacement) may take to be placed on a node and load the model
+    # before it is given up: at the start the run stops with an error; mid-search the slot is retired.
+    startup_timeout_s: float = 900.0
 
 
 @dataclass
@@ -372,8 +382,17 @@ def _validate_stages(se: SearchConfig, stages: list[list[int]], where: str = "")
 
 
 def _validate_backend(b: BackendConfig) -> None:
-    if b.num_workers < 1 or b.num_cpus_per_worker < 0 or b.num_gpus_per_worker < 0 or b.max_retries < 0:
+    if b.num_gpus_per_worker != "auto" and not (
+        isinstance(b.num_gpus_per_worker, (int, float)) and not isinstance(b.num_gpus_per_worker, bool)
+    ):
+        raise TyrError(f"backend.num_gpus_per_worker must be auto or a number, got {b.num_gpus_per_worker!r}")
+    gpus = 0 if b.num_gpus_per_worker == "auto" else b.num_gpus_per_worker
+    if b.num_workers < 1 or b.num_cpus_per_worker < 0 or gpus < 0 or b.max_retries < 0:
         raise TyrError("backend: num_workers must be >= 1; CPU/GPU requests and max_retries must be >= 0")
+    if b.call_timeout_s is not None and not b.call_timeout_s > 0:
+        raise TyrError(f"backend.call_timeout_s must be > 0 (or null: no timeout), got {b.call_timeout_s}")
+    if not b.startup_timeout_s > 0:
+        raise TyrError(f"backend.startup_timeout_s must be > 0, got {b.startup_timeout_s}")
     if b.address is not None:
         ray_host_port(b.address)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ import numpy as np
 import torch
 
 from tyr.errors import TyrError
+from tyr.io import atomic_write_bytes, safetensors_bytes, sha256_tensor
+
+logger = logging.getLogger(__name__)
 
 # Built-in offline corpora: ABC news articles shipped as test data inside the gensim wheel.
 BUILTIN_CORPORA = {"lee-background": "lee_background.cor", "lee": "lee.cor"}
@@ -286,3 +290,38 @@ def evaluation_tokens(
     if all_windows.shape[0] == 0:
         raise TyrError(f"data {source.name!r} is shorter than one sequence of {seq_len} tokens")
     return all_windows[:num_sequences].clone()
+
+
+# -- token windows kept in the run directory -------------------------------------------------------------------
+
+
+def save_tokens(path: str | Path, tokens: torch.Tensor) -> None:
+    """Write token windows (int64 (N, T)) atomically as safetensors, with their sha256 in the metadata."""
+    tokens = tokens.detach().to(torch.int64).contiguous().cpu()
+    data = safetensors_bytes({"tokens": tokens}, {"sha256": sha256_tensor(tokens)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+
+
+def load_tokens(path: str | Path, shape: tuple[int, int]) -> torch.Tensor | None:
+    """Token windows saved by `save_tokens`, or None when the file is missing or damaged (wrong shape or dtype,
+    unreadable, or bytes that do not match the stored hash): they are derived data, read again from the source."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("sha256")
+            tokens = f.get_tensor("tokens")
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        logger.warning(f"{path} is unreadable ({e}); reading the tokens from the data source again")
+        return None
+    if tokens.dtype != torch.int64 or tuple(tokens.shape) != tuple(shape) or stored != sha256_tensor(tokens):
+        logger.warning(
+            f"{path} is damaged (shape {tuple(tokens.shape)} {tokens.dtype}, expected {tuple(shape)} int64, or a "
+            "hash mismatch); reading the tokens from the data source again"
+        )
+        return None
+    return tokens

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tyr.config import RunConfig, dump_yaml, identity_dict
-from tyr.data import TextSource, calibration_tokens, evaluation_tokens
+from tyr.data import TextSource, calibration_tokens, evaluation_tokens, load_tokens, save_tokens
 from tyr.errors import TyrError
 from tyr.io import atomic_write_json, sha256_json, sha256_tensor, sha256_text
 from tyr.model_hash import folder_sha256, local_folder
@@ -73,7 +73,10 @@ def open_run(
     model_path = Path(cfg.model.name).expanduser()
     protect = (model_path,) if model_path.exists() else ()
     action = run.check_open(identity, force, protect)
-    session = open_session(cfg, progress=progress)
+    saved = None
+    if action == "resume":  # the windows this run first read, when it kept them (`keep_tokens`)
+        saved = load_tokens(run.tokens_path("calibration"), (cfg.data.num_sequences, cfg.data.seq_len))
+    session = open_session(cfg, progress=progress, calibration=saved)
     if with_eval:
         session.eval_tokens = held_out_tokens(cfg, session.tokenizer)
     run.open(identity, action)
@@ -97,8 +100,17 @@ def base_weights_sha256(resolved: ResolvedModel) -> str | None:
     return digest
 
 
-def open_session(cfg: RunConfig, progress: bool = True) -> Session:
-    """Resolve and load model, tokenizer and calibration tokens; check them against the config."""
+def keep_tokens(run: RunDir, name: str, tokens: torch.Tensor) -> None:
+    """Save the run's `name` windows in `RUN/data/` once (`RunDir.tokens_path`); call it only after the teacher
+    targets have confirmed (or been computed from) them, so that a damaged source is never kept."""
+    path = run.tokens_path(name)
+    if load_tokens(path, tuple(tokens.shape)) is None:
+        save_tokens(path, tokens)
+
+
+def open_session(cfg: RunConfig, progress: bool = True, calibration: torch.Tensor | None = None) -> Session:
+    """Resolve and load model, tokenizer and calibration tokens (read from the data source, unless the
+    `calibration` windows are given: a run's kept ones); check them against the config."""
     if not progress:
         import transformers
 
@@ -116,6 +128,8 @@ def open_session(cfg: RunConfig, progress: bool = True) -> Session:
         raise TyrError(f"data.seq_len={cfg.data.seq_len} exceeds the model's maximum of {max_len} positions")
     cfg.validate_for_model({kind: adapter.num_units(kind) for kind in ("attn", "mlp")}, adapter.num_layers)
     tokenizer = load_tokenizer(resolved)
+    if calibration is not None:
+        return Session(cfg, resolved, model, tokenizer, adapter, calibration, device)
     source = TextSource(
         cfg.data.calibration, cfg.data.calibration_config, cfg.data.calibration_split, cfg.data.text_field
     )

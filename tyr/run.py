@@ -24,7 +24,7 @@ import torch
 
 from tyr import methods, pipeline
 from tyr.config import RunConfig, resumed_config
-from tyr.data import TextSource, calibration_split
+from tyr.data import TextSource, calibration_split, load_tokens
 from tyr.errors import TyrError
 from tyr.evaluators.kl import sparse_kl
 from tyr.evaluators.perplexity import perplexity
@@ -100,6 +100,7 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
             f"({', '.join(f'{k}={_setting(session.cfg, k)}' for k in upgraded)})"
         )
     targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress)
+    pipeline.keep_tokens(run_dir, "calibration", session.calibration)  # confirmed by the targets' hash
     validation = validation_set(session, run_dir, progress)
     make_evaluator, make_validator, close_backend = fitness_backend(
         session, targets, run_dir, progress, verbose, validation
@@ -189,17 +190,7 @@ def fitness_backend(
     if cfg.backend.kind == "ray":
         from tyr.cluster import ray_evaluator_factory
 
-        b = cfg.backend
-        factory = ray_evaluator_factory(
-            cfg,
-            run_dir.path,
-            b.num_workers,
-            address=b.address,
-            num_cpus_per_worker=b.num_cpus_per_worker,
-            num_gpus_per_worker=b.num_gpus_per_worker,
-            verbose=verbose,
-            max_retries=b.max_retries,
-        )
+        factory = ray_evaluator_factory(cfg, run_dir.path, verbose=verbose)
         return (lambda store: factory(store.directory)), make_validator, factory.close
 
     return serial, make_validator, (lambda: None)
@@ -211,22 +202,27 @@ def validation_set(session: pipeline.Session, run_dir: RunDir, progress: bool) -
     data, cfg = session.cfg.data, session.cfg
     if data.num_validation_sequences == 0:
         return None
-    source = TextSource(data.calibration, data.calibration_config, data.calibration_split, data.text_field)
-    fit, tokens = calibration_split(
-        source,
-        session.tokenizer,
-        data.num_sequences,
-        data.num_validation_sequences,
-        data.seq_len,
-        cfg.seed,
-        data.max_source_tokens,
-    )
-    if not torch.equal(fit, session.calibration):
-        raise TyrError(
-            "the calibration windows read for validation differ from the session's (did the data source change "
-            "while the run started?); re-run the same command"
+    tokens = load_tokens(run_dir.tokens_path("validation"), (data.num_validation_sequences, data.seq_len))
+    if tokens is None:
+        source = TextSource(
+            data.calibration, data.calibration_config, data.calibration_split, data.text_field
         )
+        fit, tokens = calibration_split(
+            source,
+            session.tokenizer,
+            data.num_sequences,
+            data.num_validation_sequences,
+            data.seq_len,
+            cfg.seed,
+            data.max_source_tokens,
+        )
+        if not torch.equal(fit, session.calibration):
+            raise TyrError(
+                "the calibration windows read for validation differ from the run's (did the data source change "
+                "since the run started?); restore the data, or start a new run in another --out"
+            )
     targets = ensure_teacher_targets(session, run_dir.validation_teacher_dir, progress, tokens, "validation")
+    pipeline.keep_tokens(run_dir, "validation", tokens)
     return Validation(tokens, targets)
 
 

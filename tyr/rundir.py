@@ -93,6 +93,14 @@ class RunDir:
     def teacher_dir(self) -> Path:
         return self.path / "teacher"
 
+    def tokens_path(self, name: str) -> Path:
+        """`RUN/data/<name>.safetensors`: the run's token windows (calibration, validation) as first read.
+
+        A resumed run (and every Ray worker) reads them from here instead of the data source, so a hub dataset
+        that changed since, or a data file moved away, cannot stop the run or change its numbers.
+        """
+        return self.path / "data" / f"{name}.safetensors"
+
     @property
     def validation_teacher_dir(self) -> Path:
         """Dense top-K targets of the validation windows (never read by the supernet build or the search)."""
