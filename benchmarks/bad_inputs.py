@@ -357,7 +357,9 @@ def changes(before: dict[str, str], after: dict[str, str]) -> str:
 
 
 def signature(run: Path) -> dict:
-    """What "identical" compares: final/*.json, iter-*/result.json and history.jsonl minus timings."""
+    """What "identical" compares: final/*.json, iter-*/result.json and history.jsonl minus its telemetry (the
+    seconds and the I/O counters of the process that ran each generation: a resumed process starts with a
+    dense model and a warm cache, so it reads and swaps differently for the same results)."""
     sig: dict[str, object] = {}
     for rel in ("final/architecture.json", "final/metrics.json", "final/selection.json"):
         p = run / rel
@@ -370,6 +372,7 @@ def signature(run: Path) -> dict:
             try:
                 record = json.loads(line)
                 record.pop("seconds", None)
+                record.pop("io", None)
                 lines.append(record)
             except ValueError:
                 lines.append(line)

@@ -22,6 +22,8 @@ Every change of this is counted (`io_counters`) and lands in the search's histor
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +34,7 @@ from tyr.evaluators.kl import kl_mean, model_device, place_targets, sparse_kl_su
 from tyr.evaluators.teacher import TeacherTargets
 from tyr.search.batch import Batch, as_batch
 from tyr.search.counters import IOCounters
+from tyr.search.prefix import PrefixCache, block_bytes, choose_reference
 from tyr.search.scheduling import Block, nearest_chain, unit_blocks
 from tyr.search.space import Genome
 from tyr.supernet.families import ModelAdapter
@@ -47,6 +50,9 @@ class SerialEvaluator:
         variant_cache_bytes: the store's variant cache for the search; None = auto (the whole supernet when it
             fits in `host_memory_share` of the available host memory, else an LRU of that share).
         host_memory_share: the share of available host memory an auto cache may take.
+        prefix_cache_bytes: budget of `tyr.search.prefix.PrefixCache` for `evaluate` (0: off): each call records
+            a reference genome's decoder-block outputs and runs the other candidates from their first changed
+            block. Values are bit-identical either way.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class SerialEvaluator:
         *,
         variant_cache_bytes: int | None = None,
         host_memory_share: float = 0.5,
+        prefix_cache_bytes: int = 0,
     ):
         self.model = model
         self.store = store
@@ -82,6 +89,9 @@ class SerialEvaluator:
         self._rows: dict[Block, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (values, indices)
         self._prepared = False
         self._base = self._totals()
+        self.num_layers = adapter.num_layers
+        layers = [adapter.layer(i) for i in range(adapter.num_layers)]
+        self.prefix = PrefixCache(layers, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     # ---- counters ------------------------------------------------------------------------------
     def _totals(self) -> IOCounters:
@@ -145,11 +155,17 @@ class SerialEvaluator:
         self._check_ready()
         blocks = unit_blocks(len(batch.sequences), self.batch_size)
         positions = batch.positions(self.targets.seq_len)
-        scores = []
+        genomes = [tuple(int(v) for v in g) for g in genomes]
+        order = list(range(len(genomes)))
+        if self.prefix is not None and len(genomes) > 1:  # the reference first: the others replay its blocks
+            reference = choose_reference(genomes)
+            order = [reference, *(i for i in order if i != reference)]
+            self.prefix.reset(genomes[reference], (batch.sequences, positions))
+        scores: list[float] = [math.nan] * len(genomes)
         desc = f"candidates x {len(batch.sequences)} seqs"
-        for genome in tqdm(genomes, desc=desc, leave=False, disable=not self.progress):
-            sums = [v for block in blocks for v in self.unit_sums(genome, batch, block)]
-            scores.append(kl_mean(sums, positions))
+        for i in tqdm(order, desc=desc, leave=False, disable=not self.progress):
+            sums = [v for block in blocks for v in self.unit_sums(genomes[i], batch, block)]
+            scores[i] = kl_mean(sums, positions)
             self.num_evaluations += 1
         return scores
 
@@ -166,7 +182,22 @@ class SerialEvaluator:
         self.apply(genome)
         values, indices = self._block_rows(batch, (start, stop))
         ids = self.tokens[list(batch.sequences[start:stop]), : values.shape[1]]  # (stop - start, P)
-        return sparse_kl_sums(self.model, ids, values, indices, batch_size=self.batch_size).tolist()
+        with self._prefix_context(genome, batch, block, ids.shape):
+            return sparse_kl_sums(self.model, ids, values, indices, batch_size=self.batch_size).tolist()
+
+    def _prefix_context(self, genome: Genome, batch: Batch, block: Block, shape: tuple[int, int]):
+        """Record (the call's reference genome) or replay (a candidate sharing its first blocks) decoder-block
+        outputs of this unit's forward; nothing without a prefix cache."""
+        prefix = self.prefix
+        if prefix is None or prefix.reference is None:
+            return contextlib.nullcontext()
+        key = (batch.sequences, batch.positions(self.targets.seq_len))
+        if genome == prefix.reference:
+            embedding = self.model.get_input_embeddings().weight
+            size = block_bytes(self.num_layers, shape[0], shape[1], embedding.shape[1], embedding.dtype)
+            return prefix.recording(block, size) if key == prefix.key else contextlib.nullcontext()
+        usable = prefix.usable(genome, key, block)
+        return prefix.replaying(block, usable) if usable else contextlib.nullcontext()
 
     def _check_ready(self) -> None:
         if self.targets is None:
@@ -195,4 +226,6 @@ class SerialEvaluator:
         self._levels = [None] * len(self.genes)
         self.tail = None
         self._rows, self._rows_key = {}, None
+        if self.prefix is not None:
+            self.prefix.reset()
         self.store.clear_cache()

@@ -132,6 +132,10 @@ class SearchConfig:
     # only I/O). None = auto: the whole iteration's supernet when it fits in half the available host memory
     # (shared by the Ray workers of a machine), else an LRU of that size.
     variant_cache_bytes: int | None = None
+    # Bytes of decoder-block outputs of a reference genome (the parent, in paired selection) kept per fitness
+    # call, so a candidate runs from its first changed block (tyr.search.prefix). On the model's device; not
+    # run identity: fitness values are bit-identical with and without it. 0 = off. Serial backend only.
+    prefix_cache_bytes: int = 0
 
     def stages_for(self, iteration: int) -> list[list[int]]:
         """The [survivors, tokens] stages of iteration `iteration` (1-based)."""
@@ -249,6 +253,7 @@ class RunConfig:
             _at_least(f"search.{name}", getattr(se, name), 1)
         _at_least("search.max_level_distance", se.max_level_distance, 1)
         _at_least("search.variant_cache_bytes", se.variant_cache_bytes, 0)
+        _at_least("search.prefix_cache_bytes", se.prefix_cache_bytes, 0)
         if not (0.0 <= se.owl_lambda < 1.0) or se.owl_threshold <= 0:
             raise TyrError(
                 f"search.owl_lambda must be in [0, 1) and search.owl_threshold > 0, got {se.owl_lambda} and "
@@ -653,6 +658,7 @@ IDENTITY_EXCLUDED = (
     "supernet.offload",
     "supernet.offload_dir",
     "search.variant_cache_bytes",
+    "search.prefix_cache_bytes",
 )
 
 

@@ -456,7 +456,11 @@ def search_generation_phase(ctx: _Context) -> Phase:
     cache = cfg.search.variant_cache_bytes
     variants = resident if cache is None else min(resident, int(cache))
     p = Phase(
-        device_bytes=ctx.device_weights + compact + _activation_bytes(ctx, bs) + kl,
+        device_bytes=ctx.device_weights
+        + compact
+        + _activation_bytes(ctx, bs)
+        + kl
+        + cfg.search.prefix_cache_bytes,
         host_bytes=variants + rows,
     )
     teacher_read = sum(seq * pos * k * TARGET_BYTES for _, seq, pos in stages)

@@ -174,6 +174,7 @@ def fitness_backend(
             batch_size=cfg.search.batch_size,
             progress=progress,
             variant_cache_bytes=cfg.search.variant_cache_bytes,
+            prefix_cache_bytes=cfg.search.prefix_cache_bytes,
         )
 
     def make_validator(store: SupernetStore, evaluator: object | None = None) -> Validator | None:
