@@ -974,6 +974,17 @@ def output_rows(ctx: Ctx) -> list[Spec]:
             row.expect(ctx.tyr(*ctx.B(folder)), "error", forbidden=("holds a run with a different config",))
             row.require(snapshot(folder) == before, "data loss", "the foreign folder changed")
 
+    def o03(row: Row) -> None:
+        # No snapshot of the whole filesystem: a canary temp file under / (inside this row's folder) must survive
+        # (the sweep of killed runs' `.*.tmp` files runs only in folders Tyr wrote) and no /.lock may stay.
+        canary = ctx.dir(row) / ".canary.tmp"
+        canary.write_text("another program's temp file\n")
+        lock = Path("/.lock")
+        had_lock = lock.exists()
+        row.expect(ctx.tyr(*ctx.B(Path("/"))), "error")
+        row.require(canary.is_file(), "data loss", "a `.*.tmp` file under / was deleted")
+        row.require(lock.exists() == had_lock, "data loss", "/.lock was left behind")
+
     def o10(row: Row) -> None:
         target = ctx.copy_run(row, "target")
         link = ctx.dir(row) / "link"
@@ -1020,10 +1031,7 @@ def output_rows(ctx: Ctx) -> list[Spec]:
     return [
         Spec("o01", "--out is an existing file", refused_out(a_file)),
         Spec("o02", "--out under a read-only directory", skip=unprivileged if os.geteuid() == 0 else "not automated"),
-        Spec("o03", "--out / (without --force)", skip=(
-            "not run: the current `tyr run` takes RUN/.lock and sweeps `.*.tmp` files under --out (rglob) before it "
-            "refuses a foreign folder, so `--out /` would walk the whole filesystem and delete other programs' "
-            "temp files (see o06+)")),
+        Spec("o03", "--out / (without --force)", o03),
         Spec("o04", "--model D --out D (D = a model folder)", refused_out(lambda row: ctx.copy_model(row, "D"), model=the_model)),
         Spec("o05", "--model D --out D --force", refused_out(lambda row: ctx.copy_model(row, "D"), "--force", model=the_model)),
         Spec("o06", "non-empty foreign folder", refused_out(foreign())),

@@ -2,9 +2,11 @@
 
 A tiny random Llama (tests/tiny.py) with the `smoke` schedule, so one run takes seconds. First an
 uninterrupted reference run and export. Then, for each seeded random point: a fresh run directory, `tyr run`
-started and SIGKILLed after a random delay drawn over the reference run's duration (so kills land in the
-teacher pass, the supernet builds, the searches and the final evaluation), then the same command again to
-completion; then `tyr export` killed at a random moment and re-run. "Identical" = the same
+started and SIGKILLed at a random moment, then the same command again to completion; then `tyr export`
+killed at a random moment and re-run. Most of a smoke run's seconds are Python start-up, so a point first
+draws a stage (the teacher pass, either iteration's supernet build or search, the final evaluation, or "any
+time") and then kills a random 0-40 ms after the run directory shows that stage has begun (or, for "any
+time", after a delay drawn over the reference run's duration). "Identical" = the same
 final/architecture.json, final/metrics.json, final/selection.json, every iter-N/result.json and every
 history.jsonl (timings and I/O counters excluded) as the reference, and byte-identical exported weights and config.
 
@@ -61,6 +63,35 @@ def kill_after(cmd: list[str], delay: float) -> bool:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return True
+
+
+# stage -> "has it begun?" from the run directory's files
+STAGES = {
+    "teacher": lambda run: run.teacher_dir.is_dir(),
+    "build 1": lambda run: run.supernet_dir(1).is_dir(),
+    "search 1": lambda run: run.search_dir(1).is_dir(),
+    "build 2": lambda run: run.supernet_dir(2).is_dir(),
+    "search 2": lambda run: run.search_dir(2).is_dir(),
+    "final": lambda run: run.final_dir.is_dir(),
+}
+
+
+def kill_when(cmd: list[str], out: Path, begun, extra: float, timeout: float = 600) -> tuple[bool, float]:
+    """Start `cmd`, SIGKILL it `extra` seconds after `begun(RunDir(out))` first holds; (killed, seconds)."""
+    run = RunDir(out)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and time.perf_counter() - t0 < timeout:
+        if begun(run):
+            time.sleep(extra)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True, time.perf_counter() - t0
+            break
+        time.sleep(0.002)
+    proc.wait()
+    return False, time.perf_counter() - t0
 
 
 def phase(out: Path) -> str:
@@ -123,8 +154,12 @@ def main() -> None:
         rows = []
         for point in range(args.points):
             out = root / f"killed-{point}"
-            delay = rng.uniform(0.3, run_seconds)
-            killed = kill_after(run_args(assets, out), delay)
+            stage = rng.choice([*STAGES, "any time"])
+            if stage == "any time":
+                delay = rng.uniform(0.3, run_seconds)
+                killed = kill_after(run_args(assets, out), delay)
+            else:
+                killed, delay = kill_when(run_args(assets, out), out, STAGES[stage], rng.uniform(0.0, 0.04))
             where = phase(out) if killed else "finished first"
             subprocess.run(run_args(assets, out), check=True, capture_output=True)
             export_dir = root / f"export-{point}"
@@ -140,6 +175,7 @@ def main() -> None:
             rows.append(
                 {
                     "point": point,
+                    "aimed_at": stage,
                     "run_kill_s": round(delay, 2),
                     "run_killed": killed,
                     "phase": where,
@@ -161,10 +197,19 @@ def main() -> None:
         "phases": sorted({r["phase"] for r in rows}),
     }
     table = markdown_table(
-        ["point", "run killed at (s)", "phase", "export killed at (s)", "run identical", "export identical"],
+        [
+            "point",
+            "aimed at",
+            "run killed at (s)",
+            "phase",
+            "export killed at (s)",
+            "run identical",
+            "export identical",
+        ],
         [
             [
                 r["point"],
+                r["aimed_at"],
                 r["run_kill_s"],
                 r["phase"],
                 r["export_kill_s"],

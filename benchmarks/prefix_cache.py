@@ -4,7 +4,8 @@ Uses a finished (or at least iteration-1-built) run directory, by default the de
 its config, teacher targets, kept calibration windows and iteration 1's supernet. Each generation is run twice
 from the same parent and the same generator state, once with the cache and once without, in alternating order
 (on first in even generations, off first in odd ones), so drift in the machine's speed hits both alike. The
-two runs must give the same generation result bit for bit; the next generation starts from it.
+two runs must give the same generation result bit for bit; the next generation starts from it. One untimed
+warm-up generation comes first (the first evaluator on a store verifies every variant file's sha256 once).
 
     python -m benchmarks.prefix_cache [--run runs/demo] [--generations 6] [--cache-mib 2048]
 
@@ -87,6 +88,7 @@ def main() -> None:
     rng_state = np.random.default_rng(cfg.seed).bit_generator.state
     cache_bytes = args.cache_mib << 20
 
+    one_generation(session, store, targets, space, evo, parent, rng_state, 0)  # warm-up: hashes, page cache
     rows, on_s, off_s, skipped_total = [], [], [], 0
     layers = session.adapter.num_layers
     for g in range(1, args.generations + 1):

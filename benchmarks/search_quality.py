@@ -3,7 +3,10 @@
 Runs `tyr run` with the reference schedule of the issue (2 iterations of 10 + 5 generations, 16 offspring,
 selection stages of 512 / 2,048 / 8,192 tokens, 9 levels, top-512 KL, 64x512 calibration tokens of
 lee-background), then measures held-out perplexity and KL on `lee` for the uniform structure, the result of
-iteration 1 alone, and the final coarse-to-fine result. Also reports seconds per generation.
+iteration 1 alone, and the final coarse-to-fine result (with validation windows, the best-validating
+iteration's result: `final/selection.json`). Also reports each iteration's validation KL (its start and its
+result) and seconds per generation. `--set search.selection=legacy --set data.num_validation_sequences=0
+--set search.validate_every=0` gives the recipe before validation and paired selection existed.
 
     python benchmarks/search_quality.py [--sparsities 0.5,0.25] [--out DIR] [--set key=value ...]
 """
@@ -53,6 +56,12 @@ def one_sparsity(sparsity: float, out: Path, extra: list[str]) -> dict:
     iter1 = rd.read_result(1)
     one_iteration = measure(session, SupernetStore.open(rd.supernet_dir(1)), iter1["genome"], tokens, targets)
     seconds = [row["seconds"] for i in rd.finished_iterations() for row in rd.read_history(i)]
+    validation = {
+        i: {
+            k: rd.read_result(i).get(k) for k in ("start_validation_kl", "validation_kl", "chosen_generation")
+        }
+        for i in rd.finished_iterations()
+    }
     arch = rd.read_architecture()
     heads = [len(layer["attention"]["kept_heads"]) for layer in arch["layers"]]
     channels = [layer["mlp"]["kept_channels_count"] for layer in arch["layers"]]
@@ -65,6 +74,10 @@ def one_sparsity(sparsity: float, out: Path, extra: list[str]) -> dict:
         "uniform": final["uniform"],
         "one_iteration": one_iteration,
         "coarse_to_fine": final["searched"],
+        "selected_iteration": rd.selection().iteration,
+        "validation": validation,
+        "selection": cfg.search.selection,
+        "num_validation_sequences": cfg.data.num_validation_sequences,
         "seconds_per_generation_median": statistics.median(seconds),
         "seconds_per_generation": seconds,
         "kept_heads_per_layer": heads,
@@ -86,7 +99,8 @@ def main() -> None:
             rows.append([s, name, r[name]["ppl"], r[name]["kl"]])
         print(
             f"sparsity {s}: uniform {r['uniform']['ppl']:.1f} -> 1 iteration {r['one_iteration']['ppl']:.1f} -> "
-            f"coarse-to-fine {r['coarse_to_fine']['ppl']:.1f}; {r['seconds_per_generation_median']:.1f} s/gen",
+            f"coarse-to-fine {r['coarse_to_fine']['ppl']:.1f} (iteration {r['selected_iteration']}); "
+            f"{r['seconds_per_generation_median']:.1f} s/gen; validation KL per iteration {r['validation']}",
             flush=True,
         )
         write_results("search_quality", results)

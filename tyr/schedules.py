@@ -8,7 +8,9 @@
 All three select with paired comparisons and hold back validation windows (the next windows of the
 calibration draw; the calibration windows themselves are those of a run without them), which pick each
 iteration's result and the final model. In paper and cpu, later iterations get at least the generations and
-the last-stage tokens of earlier ones (smoke keeps its (3, 2): tests read its log lines). (Runs stored before these keys existed continue as they began: `tyr.config.resumed_config`.)
+the last-stage tokens of earlier ones (smoke keeps its (3, 2): tests read its log lines). cpu and smoke run
+candidates from their first changed block (`search.prefix_cache_bytes`, measured 1.2-1.3x per generation on the
+demo); paper leaves it off (device memory: set it from `tyr plan`). (Runs stored before these keys existed continue as they began: `tyr.config.resumed_config`.)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ PRESETS: dict[str, dict] = {
             "validate_every": 2,
             "topk": 512,
             "batch_size": 8,
+            "prefix_cache_bytes": 1 << 30,  # ~0.3 GiB per 8 x 512-token block on SmolLM2-135M (fp32)
         },
     },
     "smoke": {
@@ -67,6 +70,7 @@ PRESETS: dict[str, dict] = {
             "validate_every": 1,
             "topk": 16,
             "batch_size": 4,
+            "prefix_cache_bytes": 16 << 20,
         },
     },
 }
