@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 INNER = ("supernet", "search", "evaluators")
 FOUNDATION = {"tyr", "tyr.errors", "tyr.io"}  # `tyr` itself only for `from tyr import errors/io`
-# Which inner packages each one may import (DESIGN.md, "Layers").
+# Which inner packages each one may import (README, "Where things live").
 ALLOWED_INNER = {
     "supernet": set(),
     "evaluators": set(),

@@ -371,7 +371,8 @@ def test_ea_converges_toward_optimum():
 IDENTITY = {"config_hash": "abc", "supernet_fingerprint": "f00"}
 
 
-def _run(tmp, config=CONFIG, stop_after=None, seed=11, identity=IDENTITY):
+def _run(tmp, config=CONFIG, stop_after=None, seed=11, identity=IDENTITY, **options):
+    """evolve() on the synthetic fitness, stopped after `stop_after` generations; (state, generations done)."""
     done = []
     state = evolve(
         make_space("per_type"),
@@ -386,6 +387,7 @@ def _run(tmp, config=CONFIG, stop_after=None, seed=11, identity=IDENTITY):
         seq_len=128,
         on_generation=lambda g, r, s: done.append(g),
         should_stop=None if stop_after is None else (lambda: len(done) >= stop_after),
+        **options,
     )
     return state, done
 
@@ -572,23 +574,7 @@ class CountingValidator:
 
 
 def _validated_run(tmp, validator, every, stop_after=None, config=PAIRED):
-    done = []
-    state = evolve(
-        make_space("per_type"),
-        config,
-        SyntheticFitness(),
-        (0,) * 12,
-        11,
-        tmp / "state.json",
-        tmp / "history.jsonl",
-        IDENTITY,
-        num_sequences=16,
-        seq_len=128,
-        on_generation=lambda g, r, s: done.append(g),
-        should_stop=None if stop_after is None else (lambda: len(done) >= stop_after),
-        validate=validator,
-        validate_every=every,
-    )
+    state, _ = _run(tmp, config, stop_after, validate=validator, validate_every=every)
     return state
 
 

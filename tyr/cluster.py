@@ -757,19 +757,21 @@ class RayWorkerPool(ActorPool):
         cfg: RunConfig,
         run_dir: str | os.PathLike,
         num_workers: int,
-        address: str | None = None,
+        *,
         num_cpus_per_worker: float = 1,
-        num_gpus_per_worker: float | str = "auto",
-        allow_cpu_workers: bool = False,
-        verbose: bool = False,
-        max_retries: int = 2,
         num_threads: int | None = None,
-        call_timeout_s: float | None = None,
-        startup_timeout_s: float = 900.0,
         fault_file: str | None = None,
         hang_file: str | None = None,
+        **pool_options: Any,
     ):
-        _check_pool_options(num_workers, num_cpus_per_worker, num_gpus_per_worker, max_retries)
+        """`pool_options`: `ActorPool`'s (address, num_gpus_per_worker, call_timeout_s, ...); `num_threads`: torch
+        threads per actor (default: int(num_cpus_per_worker)); `fault_file`/`hang_file`: test hooks."""
+        _check_pool_options(
+            num_workers,
+            num_cpus_per_worker,
+            pool_options.get("num_gpus_per_worker", "auto"),
+            pool_options.get("max_retries", 2),
+        )
         self.run_dir = Path(run_dir).resolve()
         if not RunDir(self.run_dir).has_teacher():
             raise TyrError(f"{self.run_dir} holds no teacher targets: not a run directory")
@@ -788,14 +790,8 @@ class RayWorkerPool(ActorPool):
             num_workers,
             batch_size=cfg.search.batch_size,
             seq_len=cfg.data.seq_len,
-            address=address,
             num_cpus_per_worker=num_cpus_per_worker,
-            num_gpus_per_worker=num_gpus_per_worker,
-            allow_cpu_workers=allow_cpu_workers,
-            verbose=verbose,
-            max_retries=max_retries,
-            call_timeout_s=call_timeout_s,
-            startup_timeout_s=startup_timeout_s,
+            **pool_options,
         )
 
 

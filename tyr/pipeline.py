@@ -299,7 +299,7 @@ def max_module_params(adapter: ModelAdapter, kind: str, num_kept: int) -> int:
 
 
 def architecture(session: Session, store: SupernetStore, genome: tuple[int, ...], target: float) -> dict:
-    """`architecture.json` (schema in DESIGN.md) for `genome` on `store`, with exact parameter counts.
+    """`architecture.json` for `genome` on `store`, with exact parameter counts.
 
     Computed by the export's code (`tyr.export.architecture`) from the manifest alone: a level's recorded
     parameter count exceeds its units' count exactly when its variant adds an output bias (FLAP).

@@ -1,4 +1,4 @@
-"""What a genome keeps per decoder layer, and ``architecture.json`` (the schema in DESIGN.md) computed from it.
+"""What a genome keeps per decoder layer, and ``architecture.json`` computed from it.
 
 Written once for both callers: ``tyr run`` (``tyr.pipeline.architecture``, from a supernet's manifest) and
 ``tyr export`` (from the genome's variants).
