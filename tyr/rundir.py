@@ -3,6 +3,7 @@
 ```
 RUN/.tyr-run                        marker: this folder was written by Tyr (format, Tyr version)
 RUN/config.yaml                     the run's identity (resolved config minus settings that cannot change results)
+RUN/data/                           calibration.safetensors, validation.safetensors: the token windows as first read
 RUN/teacher/                        dense top-K targets of the calibration set
 RUN/teacher-validation/             dense top-K targets of the validation windows (data.num_validation_sequences)
 RUN/iter-N/supernet/                iteration N's supernet (manifest.json + variants, build.json: device memory)
