@@ -4,7 +4,10 @@ For each mode, build the iteration-1 supernet for SmolLM2-135M at 50% on 64x512 
 take the uniform structure (every gene at its centre level) and measure held-out perplexity on `lee`.
 Also reports the build time divided by one dense forward pass over the same calibration tokens.
 
-    python benchmarks/accumulation.py [--modes expectation,none] [--sparsity 0.5] [--out DIR]
+    python benchmarks/accumulation.py [--modes expectation,none] [--refits zero,dense] [--sparsity 0.5] [--out DIR]
+
+With several `--refits` (`supernet.refit`: the ridge refit's target), every mode is built with each, on the same
+calibration windows, so `center` vs `expectation` is compared with the refit fixed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def dense_forward_seconds(session) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="expectation,uniform_mean,center,none")
+    parser.add_argument("--refits", default="zero", help="supernet.refit values, comma-separated")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--out", default=None, help="where to keep the supernets (default: a temp dir)")
     args = parser.parse_args()
@@ -65,12 +69,14 @@ def main() -> None:
             "modes": {},
         },
     )
-    for mode in args.modes.split(","):
-        session.cfg.supernet.accumulation = mode
+    refits = args.refits.split(",")
+    for mode, refit in ((m, r) for m in args.modes.split(",") for r in refits):
+        session.cfg.supernet.accumulation, session.cfg.supernet.refit = mode, refit
+        name = mode if refits == ["zero"] else f"{mode}, refit {refit}"
         centres = pipeline.uniform_centres(session.adapter, session.cfg)
         t0 = time.perf_counter()
         store, report = pipeline.build_iteration_supernet(
-            session, work / mode, centres, iteration=1, progress=False
+            session, work / f"{mode}-{refit}", centres, iteration=1, progress=False
         )
         build_s = time.perf_counter() - t0
         evaluator = SerialEvaluator(session.model, session.adapter, store, None, session.calibration)
@@ -78,16 +84,16 @@ def main() -> None:
         ppl = perplexity(session.model, tokens)
         evaluator.close()
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        results["modes"][mode] = {
+        results["modes"][name] = {
             "ppl": ppl,
             "build_s": build_s,
             "pruner_s": report.seconds_pruning,
             "build_over_forward": build_s / forward_s,
             "peak_rss_gib": peak_gib,
         }
-        rows.append([mode, ppl, build_s, build_s / forward_s, peak_gib])
+        rows.append([name, ppl, build_s, build_s / forward_s, peak_gib])
         print(
-            f"{mode}: uniform-50% ppl {ppl:.2f}, build {build_s:.0f} s ({build_s / forward_s:.2f}x forward), "
+            f"{name}: uniform-50% ppl {ppl:.2f}, build {build_s:.0f} s ({build_s / forward_s:.2f}x forward), "
             f"peak RSS {peak_gib:.1f} GiB",
             flush=True,
         )
