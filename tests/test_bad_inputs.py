@@ -71,6 +71,16 @@ CONFIG_ROWS = {
     ),
     "s19-num-layers": (["--set", "model.num_layers=0"], "model.num_layers must be >= 1, got 0"),
     "s20": (["--seed", "-1"], "seed must be >= 0, got -1"),
+    # the calibration source holds fewer windows than calibration + validation: found when the data is read,
+    # before the teacher pass and before anything is written
+    "s19-num-validation": (
+        ["--set", "data.num_validation_sequences=500"],
+        "8 calibration sequences + 500 validation sequences were asked for",
+    ),
+    "s22-gpus": (
+        ["--set", "backend.num_gpus_per_worker=two"],
+        "backend.num_gpus_per_worker must be a finite number or one of auto, got 'two'",
+    ),
     "s21": (["--set", "search.stages=[[0,64]]"], "stage 0 num_survivors must be a positive integer"),
     "y-r2": (["--ray-address", "not an address!!"], "is not of the form host:port"),
     "y-r5": (["--ray-address", "ray://[::1"], "is not of the form host:port"),

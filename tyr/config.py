@@ -553,6 +553,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except TyrError as e:
                 errors.append(str(e))
+        # "X must be A, got v" and "X must be B, got v" -> "X must be A or B, got v"
+        wanted = [e[len(f"{where} must be ") : e.rindex(", got ")] for e in errors if ", got " in e]
+        if len(wanted) == len(errors) > 1 and all(e.startswith(f"{where} must be ") for e in errors):
+            raise TyrError(f"{where} must be {' or '.join(wanted)}, got {value!r}")
         raise TyrError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tyr.config import RunConfig, dump_yaml, identity_dict
-from tyr.data import TextSource, calibration_tokens, evaluation_tokens, load_tokens, save_tokens
+from tyr.data import TextSource, calibration_split, evaluation_tokens, load_tokens, save_tokens
 from tyr.errors import TyrError
 from tyr.io import atomic_write_json, sha256_json, sha256_tensor, sha256_text
 from tyr.model_hash import folder_sha256, local_folder
@@ -53,6 +53,9 @@ class Session:
     # Held-out tokens for the final metrics (data.eval), loaded up front by `open_run` so that a wrong
     # --eval-data fails before the search, not after it; None when not loaded.
     eval_tokens: torch.Tensor | None = None  # (num_eval_sequences, seq_len) int64
+    # The validation windows (data.num_validation_sequences) when they were read with the calibration windows
+    # (so a source too small for both fails before anything is written); None otherwise.
+    validation: torch.Tensor | None = None  # (num_validation_sequences, seq_len) int64
 
     def __post_init__(self) -> None:
         if not self.identity:
@@ -133,10 +136,19 @@ def open_session(cfg: RunConfig, progress: bool = True, calibration: torch.Tenso
     source = TextSource(
         cfg.data.calibration, cfg.data.calibration_config, cfg.data.calibration_split, cfg.data.text_field
     )
-    tokens = calibration_tokens(
-        source, tokenizer, cfg.data.num_sequences, cfg.data.seq_len, cfg.seed, cfg.data.max_source_tokens
+    d = cfg.data
+    tokens, validation = calibration_split(
+        source,
+        tokenizer,
+        d.num_sequences,
+        d.num_validation_sequences,
+        d.seq_len,
+        cfg.seed,
+        d.max_source_tokens,
     )
-    return Session(cfg, resolved, model, tokenizer, adapter, tokens, device)
+    session = Session(cfg, resolved, model, tokenizer, adapter, tokens, device)
+    session.validation = validation if d.num_validation_sequences else None
+    return session
 
 
 def _truncate_layers(model: torch.nn.Module, num_layers: int) -> None:

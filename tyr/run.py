@@ -205,6 +205,8 @@ def validation_set(session: pipeline.Session, run_dir: RunDir, progress: bool) -
         return None
     tokens = load_tokens(run_dir.tokens_path("validation"), (data.num_validation_sequences, data.seq_len))
     if tokens is None:
+        tokens = session.validation  # read with the calibration windows (a run that kept no windows yet)
+    if tokens is None:  # resumed on its kept calibration windows: read the source for the validation ones
         source = TextSource(
             data.calibration, data.calibration_config, data.calibration_split, data.text_field
         )
