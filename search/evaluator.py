@@ -4,7 +4,8 @@
 same numbers). Fitness is the sparse top-K KL(dense ‖ candidate) on the batch's calibration tokens, computed as
 work units (`tyr.search.scheduling`): a unit is one candidate on one block of `batch_size` consecutive sequences
 of the batch (fixed boundaries, one forward) and gives one float64 KL sum per sequence; the fitness is their sum
-in sequence order over the scored tokens (`tyr.evaluators.kl.kl_mean`). A distributed backend spreads the same
+in sequence order over the scored tokens (`tyr.evaluators.kl.kl_mean`); with stored teacher hidden states
+(`search.fitness: kl+hidden`) each sequence's sum also holds its weighted hidden-state error. A distributed backend spreads the same
 units over workers (`unit_sums`) and reduces them the same way, so the values are the same bits.
 
 What moves per call, and why it is little:
@@ -30,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tyr.errors import TyrError
+from tyr.evaluators.hidden import TeacherHidden, capturing, hidden_sums
 from tyr.evaluators.kl import kl_mean, model_device, place_targets, sparse_kl_sums
 from tyr.evaluators.teacher import TeacherTargets
 from tyr.search.batch import Batch, as_batch
@@ -53,6 +55,9 @@ class SerialEvaluator:
         prefix_cache_bytes: budget of `tyr.search.prefix.PrefixCache` for `evaluate` (0: off): each call records
             a reference genome's decoder-block outputs and runs the other candidates from their first changed
             block. Values are bit-identical either way.
+        hidden: the teacher's stored hidden states (`search.fitness: kl+hidden`): each sequence's KL sum gets
+            `hidden_weight` times its hidden-state error sum (`tyr.evaluators.hidden`). Rows it does not hold
+            (the validation windows stacked after the calibration ones) are scored on KL alone.
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class SerialEvaluator:
         variant_cache_bytes: int | None = None,
         host_memory_share: float = 0.5,
         prefix_cache_bytes: int = 0,
+        hidden: TeacherHidden | None = None,
+        hidden_weight: float = 0.0,
     ):
         self.model = model
         self.store = store
@@ -86,19 +93,22 @@ class SerialEvaluator:
         self._applied: list[Variant | None] = [None] * len(self.genes)
         self._levels: list[int | None] = [None] * len(self.genes)
         self._rows_key: tuple | None = None  # the batch whose rows `_rows` holds: (sequences, positions)
-        self._rows: dict[Block, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (values, indices)
+        self._rows: dict[Block, tuple] = {}  # block -> (values, indices, hidden states or None)
         self._prepared = False
+        self.hidden, self.hidden_weight = hidden, float(hidden_weight)
         self._base = self._totals()
         self.num_layers = adapter.num_layers
         layers = [adapter.layer(i) for i in range(adapter.num_layers)]
         self.prefix = PrefixCache(layers, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._hidden_modules = [layers[i] for i in hidden.layers] if hidden is not None else []
 
     # ---- counters ------------------------------------------------------------------------------
     def _totals(self) -> IOCounters:
         return IOCounters(
             variant_bytes_read=self.store.bytes_read,
             num_variant_files_hashed=self.store.files_hashed,
-            teacher_bytes_read=self.targets.bytes_read if self.targets is not None else 0,
+            teacher_bytes_read=(self.targets.bytes_read if self.targets is not None else 0)
+            + (self.hidden.bytes_read if self.hidden is not None else 0),
             num_genes_swapped=self.realiser.swaps,
         )
 
@@ -180,10 +190,15 @@ class SerialEvaluator:
                 f"{self.batch_size} (search.batch_size must be the same for every worker)"
             )
         self.apply(genome)
-        values, indices = self._block_rows(batch, (start, stop))
-        ids = self.tokens[list(batch.sequences[start:stop]), : values.shape[1]]  # (stop - start, P)
-        with self._prefix_context(genome, batch, block, ids.shape):
-            return sparse_kl_sums(self.model, ids, values, indices, batch_size=self.batch_size).tolist()
+        sequences = batch.sequences[start:stop]
+        values, indices, teacher_hidden = self._block_rows(batch, (start, stop))
+        ids = self.tokens[list(sequences), : values.shape[1]]  # (stop - start, P)
+        capture = capturing(self._hidden_modules) if teacher_hidden is not None else contextlib.nullcontext()
+        with self._prefix_context(genome, batch, block, ids.shape), capture as outputs:
+            sums = sparse_kl_sums(self.model, ids, values, indices, batch_size=self.batch_size)
+        if teacher_hidden is not None:  # same reduction as the KL: per sequence, float64
+            sums = sums + self.hidden_weight * hidden_sums(outputs, teacher_hidden, self.hidden.scales)
+        return sums.tolist()
 
     def _prefix_context(self, genome: Genome, batch: Batch, block: Block, shape: tuple[int, int]):
         """Record (the call's reference genome) or replay (a candidate sharing its first blocks) decoder-block
@@ -204,9 +219,12 @@ class SerialEvaluator:
             raise TyrError("this evaluator has no teacher targets: it can only apply genomes")
         self._prepare()
 
-    def _block_rows(self, batch: Batch, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block's teacher rows (values, indices), each (stop - start, P, K): read once, kept until another
-        batch."""
+    def _block_rows(
+        self, batch: Batch, block: Block
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A block's teacher rows (values, indices), each (stop - start, P, K), and its stored hidden states
+        (stop - start, P, L, D) or None (no kl+hidden fitness, or rows it does not hold: validation windows);
+        read once, kept until another batch."""
         positions = batch.positions(self.targets.seq_len)
         key = (batch.sequences, positions)
         if self._rows_key != key:
@@ -216,7 +234,11 @@ class SerialEvaluator:
             # beside the logits they meet: the head's device (the last GPU of a balanced model)
             head = self.model.get_output_embeddings()
             device = head.weight.device if head is not None else model_device(self.model)
-            self._rows[block] = place_targets(values, indices, device)
+            sequences = batch.sequences[block[0] : block[1]]
+            hidden = None
+            if self.hidden is not None and max(sequences) < self.hidden.num_sequences:
+                hidden = self.hidden.get(sequences, positions)
+            self._rows[block] = (*place_targets(values, indices, device), hidden)
         return self._rows[block]
 
     def close(self) -> None:

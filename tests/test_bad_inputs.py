@@ -82,6 +82,9 @@ CONFIG_ROWS = {
         "backend.num_gpus_per_worker must be a finite number or one of auto, got 'two'",
     ),
     "s21": (["--set", "search.stages=[[0,64]]"], "stage 0 num_survivors must be a positive integer"),
+    "fitness-name": (["--set", "search.fitness=hidden"], "search.fitness must be one of kl, kl+hidden"),
+    "hidden-weight": (["--set", "search.hidden_weight=-1"], "search.hidden_weight must be >= 0"),
+    "hidden-weight-nan": (["--set", "search.hidden_weight=.nan"], "search.hidden_weight must be a finite"),
     "y-r2": (["--ray-address", "not an address!!"], "is not of the form host:port"),
     "y-r5": (["--ray-address", "ray://[::1"], "is not of the form host:port"),
 }

@@ -39,6 +39,16 @@ def test_the_paper_setting_on_one_h100():
     assert plan["fits"]
 
 
+def test_kl_hidden_fitness_counts_the_stored_hidden_states():
+    path = str(CONFIGS[0].parent / "llama31-8b-50.yaml")
+    plain = make_plan(resolve_config(path, []), "h100")
+    hidden = make_plan(resolve_config(path, ["search.fitness=kl+hidden"]), "h100")
+    tokens = 1024 * 4096  # the paper's calibration set; 3 blocks x 4,096 hidden x 2 bytes per token
+    extra = hidden["phases"]["teacher"]["disk_bytes"] - plain["phases"]["teacher"]["disk_bytes"]
+    assert extra == tokens * 3 * 4096 * 2
+    assert hidden["phases"]["search_generation"]["host_bytes"] > plain["phases"]["search_generation"]["host_bytes"]
+
+
 def test_a_budget_that_does_not_fit_says_what_to_change(capsys):
     config = str(CONFIGS[0].parent / "llama31-8b-50.yaml")
     argv = ["plan", config, "--set", "supernet.offload=none", "--gpu-memory", "80", "--disk", "100", "--json"]

@@ -219,6 +219,7 @@ class _Worker:
         self.spec = spec
         self.session = None
         self.targets = None
+        self.hidden = None
         self.evaluator = None
         self.supernet: tuple[str, str] | None = None
         self.seconds_setup = 0.0
@@ -261,12 +262,17 @@ class _Worker:
             )
         targets.check_tokens(session.calibration)
         self.session, self.targets = session, targets
+        self.hidden = None
+        if cfg.search.fitness == "kl+hidden":  # the driver computed them before starting the workers
+            from tyr.evaluators.hidden import TeacherHidden
+
+            self.hidden = TeacherHidden.open(RunDir(spec["run_dir"]).teacher_hidden_dir)
         self.seconds_setup = time.perf_counter() - t0
 
     def _use_supernet(self, supernet_dir: str, fingerprint_hash: str) -> None:
         if self.supernet == (supernet_dir, fingerprint_hash):
             return
-        from tyr.search.evaluator import SerialEvaluator
+        from tyr.run import search_evaluator
         from tyr.supernet.store import SupernetStore
 
         if self.evaluator is not None:
@@ -278,18 +284,15 @@ class _Worker:
                 f"the supernet at {supernet_dir} seen from host {socket.gethostname()} is not the driver's "
                 "(fingerprint differs): the run directory must be on storage shared by every node"
             )
-        se = self.session.cfg.search
-        self.evaluator = SerialEvaluator(
-            self.session.model,
-            self.session.adapter,
+        self.evaluator = search_evaluator(
+            self.session,
             store,
             self.targets,
             self.session.calibration,
-            mode=se.realisation,
-            batch_size=se.batch_size,
-            variant_cache_bytes=se.variant_cache_bytes,
+            self.hidden,
             # an auto cache assumes every worker of the pool shares this machine's memory
             host_memory_share=0.5 / max(int(self.spec.get("num_workers", 1)), 1),
+            prefix_cache_bytes=0,  # work units are scored one by one here (`unit_sums`): nothing to replay
         )
         self.supernet = (supernet_dir, fingerprint_hash)
 

@@ -123,6 +123,12 @@ class SearchConfig:
     validate_every: int = 0
     budget: Literal["per_type", "joint"] = "per_type"
     topk: int = 512  # teacher logits kept per token for the KL fitness
+    # kl: the fitness is the top-K KL alone (as in the official code). kl+hidden (paper Eq. 6) adds hidden_weight
+    # x the relative squared error of the outputs of the first, middle and last decoder blocks against the dense
+    # teacher's (tyr.evaluators.hidden; stored once in RUN/teacher-hidden/, N x T x 3 x hidden x 2 bytes).
+    # Validation KL (the choice of an iteration's result) stays KL alone.
+    fitness: Literal["kl", "kl+hidden"] = "kl"
+    hidden_weight: float = 1.0
     realisation: Literal["compact", "masked"] = "compact"
     batch_size: int = 8  # sequences per forward pass during fitness evaluation
     max_level_distance: int | None = None
@@ -248,6 +254,10 @@ class RunConfig:
             raise TyrError(f"search.stages must be a list of [survivors, tokens] pairs, got {se.stages}")
         if se.selection not in ("paired", "legacy"):
             raise TyrError(f"search.selection must be one of paired, legacy, got {se.selection!r}")
+        if se.fitness not in ("kl", "kl+hidden"):
+            raise TyrError(f"search.fitness must be one of kl, kl+hidden, got {se.fitness!r}")
+        if se.hidden_weight < 0:
+            raise TyrError(f"search.hidden_weight must be >= 0, got {se.hidden_weight}")
         _at_least("search.validate_every", se.validate_every, 0)
         for name in ("num_offspring", "max_mutations", "topk", "batch_size"):
             _at_least(f"search.{name}", getattr(se, name), 1)

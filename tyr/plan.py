@@ -294,19 +294,38 @@ def teacher_phase(ctx: _Context) -> Phase:
     bs, t, k = cfg.search.batch_size, cfg.data.seq_len, min(cfg.search.topk, s.vocab)
     topk = bs * t * k * (4 + 8)  # the batch's top-K values (fp32) and ids (int64) before the write
     targets = ctx.tokens * k * TARGET_BYTES
+    hidden = teacher_hidden_bytes(ctx)
     p = Phase(
         device_bytes=ctx.device_weights + _activation_bytes(ctx, bs) + LOGIT_BUDGET * 4 + topk,
         host_bytes=ctx.weights + bs * t * k * TARGET_BYTES,  # loading goes through host RAM once
-        disk_bytes=targets,
+        disk_bytes=targets + hidden,
     )
     p.seconds = (
-        _forward_flops(ctx, ctx.tokens, t) / (ctx.hw.matmul_tflops * 1e12)
-        + targets / (ctx.hw.disk_gbps * 1e9)
-        + targets / (ctx.hw.sha_gbps * 1e9)
+        _forward_flops(ctx, ctx.tokens, t) * (2 if hidden else 1) / (ctx.hw.matmul_tflops * 1e12)
+        + (targets + hidden) * (1 / (ctx.hw.disk_gbps * 1e9) + 1 / (ctx.hw.sha_gbps * 1e9))
         + ctx.transfer_seconds(math.ceil(cfg.data.num_sequences / bs))
     )
     p.notes.append(f"targets {targets / GIB:.1f} GiB on disk (N x T x top-{k} x 6 bytes), hashed once")
+    if hidden:
+        p.notes.append(
+            f"search.fitness kl+hidden: teacher hidden states {hidden / GIB:.1f} GiB on disk "
+            "(N x T x 3 blocks x hidden x 2 bytes; a second dense pass)"
+        )
     return p
+
+
+def teacher_hidden_bytes(ctx: _Context) -> int:
+    """Disk bytes of the stored teacher hidden states (0 unless `search.fitness: kl+hidden`)."""
+    return ctx.tokens * hidden_bytes_per_token(ctx)
+
+
+def hidden_bytes_per_token(ctx: _Context) -> int:
+    if ctx.cfg.search.fitness != "kl+hidden":
+        return 0
+    # torch comes with it: imported only for this setting, so the plan stays light otherwise
+    from tyr.evaluators.hidden import hidden_bytes
+
+    return hidden_bytes(1, ctx.shapes.hidden, ctx.shapes.num_layers)
 
 
 def _offload_mode(ctx: _Context) -> str:
@@ -451,7 +470,8 @@ def search_generation_phase(ctx: _Context) -> Phase:
     bs = cfg.search.batch_size
     compact = ctx.device_share(int(s.prunable_params * ctx.keep * ctx.b))  # the candidate's sliced copies
     kl = bs * cfg.data.seq_len * k * KL_BYTES_PER_TARGET
-    rows = max(seq * pos * k * TARGET_BYTES for _, seq, pos in stages)  # a stage's teacher rows, read once
+    per_token = k * TARGET_BYTES + hidden_bytes_per_token(ctx)  # top-K targets (+ hidden states: kl+hidden)
+    rows = max(seq * pos * per_token for _, seq, pos in stages)  # a stage's teacher rows, read once
     resident = supernet_bytes(ctx)
     cache = cfg.search.variant_cache_bytes
     variants = resident if cache is None else min(resident, int(cache))
@@ -463,7 +483,7 @@ def search_generation_phase(ctx: _Context) -> Phase:
         + cfg.search.prefix_cache_bytes,
         host_bytes=variants + rows,
     )
-    teacher_read = sum(seq * pos * k * TARGET_BYTES for _, seq, pos in stages)
+    teacher_read = sum(seq * pos * per_token for _, seq, pos in stages)
     p.seconds = (
         sum(c * fitness_call_seconds(ctx, seq, pos) for c, seq, pos in stages)
         + teacher_read / (ctx.hw.disk_gbps * 1e9)

@@ -26,6 +26,7 @@ from tyr import methods, pipeline
 from tyr.config import RunConfig, resumed_config
 from tyr.data import TextSource, calibration_split, load_tokens
 from tyr.errors import TyrError
+from tyr.evaluators.hidden import TeacherHidden, compute_and_save_teacher_hidden, hidden_layers
 from tyr.evaluators.kl import sparse_kl
 from tyr.evaluators.perplexity import perplexity
 from tyr.evaluators.teacher import (
@@ -102,8 +103,9 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
     targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress)
     pipeline.keep_tokens(run_dir, "calibration", session.calibration)  # confirmed by the targets' hash
     validation = validation_set(session, run_dir, progress)
+    hidden = ensure_teacher_hidden(session, run_dir, progress)
     make_evaluator, make_validator, close_backend = fitness_backend(
-        session, targets, run_dir, progress, verbose, validation
+        session, targets, run_dir, progress, verbose, validation, hidden
     )
     centres = pipeline.uniform_centres(session.adapter, cfg)
     best = None
@@ -144,6 +146,7 @@ def fitness_backend(
     progress: bool,
     verbose: bool = False,
     validation: Validation | None = None,
+    hidden: TeacherHidden | None = None,
 ) -> tuple[
     Callable[[SupernetStore], object],
     Callable[[SupernetStore, object | None], Validator | None],
@@ -163,19 +166,8 @@ def fitness_backend(
         tokens = torch.cat([session.calibration, validation.tokens])  # (N + V, seq_len)
         rows = StackedTargets(targets, validation.targets)
 
-    def serial(store: SupernetStore, tokens=tokens, rows=rows) -> SerialEvaluator:
-        return SerialEvaluator(
-            session.model,
-            session.adapter,
-            store,
-            rows,
-            tokens,
-            mode=cfg.search.realisation,
-            batch_size=cfg.search.batch_size,
-            progress=progress,
-            variant_cache_bytes=cfg.search.variant_cache_bytes,
-            prefix_cache_bytes=cfg.search.prefix_cache_bytes,
-        )
+    def serial(store: SupernetStore, tokens=tokens, rows=rows, hidden=hidden) -> SerialEvaluator:
+        return search_evaluator(session, store, rows, tokens, hidden, progress=progress)
 
     def make_validator(store: SupernetStore, evaluator: object | None = None) -> Validator | None:
         if validation is None:
@@ -184,7 +176,7 @@ def fitness_backend(
         if isinstance(evaluator, SerialEvaluator) and evaluator.targets is rows:
             batch = Batch(tuple(range(num_calibration, num_calibration + num_validation)))
             return Validator(evaluator, batch, store, owned=False)
-        own = serial(store, validation.tokens, validation.targets)
+        own = serial(store, validation.tokens, validation.targets, hidden=None)  # validation: KL alone
         own.progress = False
         return Validator(own, Batch(tuple(range(num_validation))), store, owned=True)
 
@@ -195,6 +187,63 @@ def fitness_backend(
         return (lambda store: factory(store.directory)), make_validator, factory.close
 
     return serial, make_validator, (lambda: None)
+
+
+def search_evaluator(
+    session: pipeline.Session,
+    store: SupernetStore,
+    targets,
+    tokens: torch.Tensor,
+    hidden: TeacherHidden | None,
+    **options,
+) -> SerialEvaluator:
+    """The search's serial fitness backend on `session`'s model, configured from `search.*` (`options`
+    override those keyword arguments: a Ray worker's share of the host memory, a progress bar)."""
+    se = session.cfg.search
+    settings = {
+        "mode": se.realisation,
+        "batch_size": se.batch_size,
+        "variant_cache_bytes": se.variant_cache_bytes,
+        "prefix_cache_bytes": se.prefix_cache_bytes,
+        "hidden": hidden,
+        "hidden_weight": se.hidden_weight,
+        **options,
+    }
+    return SerialEvaluator(session.model, session.adapter, store, targets, tokens, **settings)
+
+
+def ensure_teacher_hidden(session: pipeline.Session, run_dir: RunDir, progress: bool) -> TeacherHidden | None:
+    """The dense teacher's hidden states at the fitness's blocks (`search.fitness: kl+hidden` with a method
+    that evaluates fitness), computed once per run; None otherwise. Damaged stored states are recomputed."""
+    cfg = session.cfg
+    if cfg.search.fitness != "kl+hidden" or methods.is_one_shot(cfg.search.method):
+        return None
+    directory = run_dir.teacher_hidden_dir
+    tokens_sha = sha256_tensor(session.calibration)
+    if directory.is_dir():
+        try:
+            hidden = TeacherHidden.open(directory, verify=True)
+        except TyrError as e:
+            logger.warning(f"the teacher hidden states are damaged ({e}); recomputing them")
+            shutil.rmtree(directory)
+        else:
+            if hidden.meta.get("tokens_sha256") == tokens_sha:
+                return hidden
+            raise TyrError(
+                f"the calibration tokens differ from those the teacher hidden states in {directory} were "
+                "computed on (did the data source change?); restore the data, or start a new run in another --out"
+            )
+    indices = hidden_layers(session.adapter.num_layers)
+    logger.info(f"teacher: hidden states of blocks {indices} for the kl+hidden fitness")
+    return compute_and_save_teacher_hidden(
+        session.model,
+        [session.adapter.layer(i) for i in indices],
+        indices,
+        session.calibration,
+        directory,
+        batch_size=cfg.search.batch_size,
+        progress=progress,
+    )
 
 
 def validation_set(session: pipeline.Session, run_dir: RunDir, progress: bool) -> Validation | None:

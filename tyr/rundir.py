@@ -6,6 +6,7 @@ RUN/config.yaml                     the run's identity (resolved config minus se
 RUN/data/                           calibration.safetensors, validation.safetensors: the token windows as first read
 RUN/teacher/                        dense top-K targets of the calibration set
 RUN/teacher-validation/             dense top-K targets of the validation windows (data.num_validation_sequences)
+RUN/teacher-hidden/                 dense decoder-block outputs at 3 blocks (search.fitness: kl+hidden)
 RUN/iter-N/supernet/                iteration N's supernet (manifest.json + variants, build.json: device memory)
 RUN/iter-N/supernet-offload/        hidden states of a running build with supernet.offload=disk (temporary)
 RUN/iter-N/search/                  state.json, history.jsonl (and optuna.journal for sampled methods)
@@ -106,6 +107,11 @@ class RunDir:
     def validation_teacher_dir(self) -> Path:
         """Dense top-K targets of the validation windows (never read by the supernet build or the search)."""
         return self.path / "teacher-validation"
+
+    @property
+    def teacher_hidden_dir(self) -> Path:
+        """The dense teacher's decoder-block outputs at a few blocks (`search.fitness: kl+hidden`)."""
+        return self.path / "teacher-hidden"
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.path / f"iter-{int(iteration)}"
