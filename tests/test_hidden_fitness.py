@@ -137,7 +137,9 @@ def test_same_bits_with_the_prefix_cache_and_kl_alone_beyond_the_stored_rows(set
     # rows the stored states do not hold (validation windows stacked after them) are scored on KL alone
     few = TeacherHidden.open(hidden.directory)
     few.num_sequences = 4
-    evaluator = SerialEvaluator(model, adapter, store, targets, tokens, batch_size=3, hidden=few, hidden_weight=2.0)
+    evaluator = SerialEvaluator(
+        model, adapter, store, targets, tokens, batch_size=3, hidden=few, hidden_weight=2.0
+    )
     plain = SerialEvaluator(model, adapter, store, targets, tokens, batch_size=3)
     try:
         assert evaluator.evaluate(genomes, Batch((4, 5, 6))) == plain.evaluate(genomes, Batch((4, 5, 6)))

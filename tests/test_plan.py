@@ -46,7 +46,10 @@ def test_kl_hidden_fitness_counts_the_stored_hidden_states():
     tokens = 1024 * 4096  # the paper's calibration set; 3 blocks x 4,096 hidden x 2 bytes per token
     extra = hidden["phases"]["teacher"]["disk_bytes"] - plain["phases"]["teacher"]["disk_bytes"]
     assert extra == tokens * 3 * 4096 * 2
-    assert hidden["phases"]["search_generation"]["host_bytes"] > plain["phases"]["search_generation"]["host_bytes"]
+    assert (
+        hidden["phases"]["search_generation"]["host_bytes"]
+        > plain["phases"]["search_generation"]["host_bytes"]
+    )
 
 
 def test_a_budget_that_does_not_fit_says_what_to_change(capsys):
