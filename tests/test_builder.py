@@ -16,6 +16,7 @@ from tyr.supernet.builder import BuildPlan, build_supernet, expectation_weights,
 from tyr.supernet.families import adapter_for
 from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
 from tyr.supernet.pruner import PrunerOptions
+from tyr.supernet.realise import Realiser
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.variant import Gene, Variant, genes_of
 
@@ -172,3 +173,43 @@ def test_float32_solves_keep_the_same_units(tmp_path, family):
             assert torch.equal(a.kept, b.kept), (ladder.gene.name, level)
             scale = a.weight.double().norm().clamp_min(1e-30)
             assert (a.weight.double() - b.weight.double()).norm() / scale <= 1e-4, (ladder.gene.name, level)
+
+
+@pytest.mark.parametrize("mode", ["center", "expectation"])
+def test_center_accumulation_propagates_exactly_the_uniform_path(tmp_path, monkeypatch, mode):
+    """Ground truth for the `center` ablation row: the inputs the builder gives each block are the hidden states
+    the uniform structure (every gene at its centre level, realised compactly) computes on the same tokens; with
+    `expectation` they are not (a mixture of the variants)."""
+    import tyr.supernet.builder as builder
+
+    model = tiny_model("llama_gqa", num_layers=3)
+    tokens = random_tokens(4, 16)
+    adapter = adapter_for(model)
+    seen: dict[str, torch.Tensor] = {}  # gene -> the builder's hidden states entering it
+    process = builder._process_gene
+
+    def recording(adapter_, ladder, run_module, hidden, *args):
+        seen[ladder.gene.name] = torch.cat([hidden.get(i).clone() for i in range(hidden.num_chunks)])
+        return process(adapter_, ladder, run_module, hidden, *args)
+
+    monkeypatch.setattr(builder, "_process_gene", recording)
+    store, _ = _build(tmp_path, model, tokens, _plan(adapter, accumulation=mode))
+    realiser = Realiser(model, adapter, "compact")
+    genes = genes_of(adapter.num_layers)
+    realiser.apply([store.variant(gene, 0) for gene in genes])
+    entering: dict[int, torch.Tensor] = {}
+    handles = [
+        adapter.layer(i).register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: entering.__setitem__(i, (args[0] if args else kwargs["hidden_states"])),
+            with_kwargs=True,
+        )
+        for i in range(adapter.num_layers)
+    ]
+    with torch.no_grad():
+        model.model(input_ids=tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+    realiser.restore_dense()
+    for i in range(adapter.num_layers):
+        same = torch.allclose(seen[Gene(i, "attn").name], entering[i], rtol=1e-4, atol=1e-5)
+        assert same == (mode == "center" or i == 0), (mode, i)
