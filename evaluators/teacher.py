@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,14 @@ from tyr.evaluators.kl import (
     iter_batches,
     model_device,
 )
-from tyr.io import StreamingTensorFile, atomic_write_json, atomic_write_tensors, sha256_file, sha256_tensor
+from tyr.io import (
+    StreamingTensorFile,
+    atomic_write_json,
+    atomic_write_tensors,
+    sha256_file,
+    sha256_tensor,
+    write_rows_into,
+)
 
 FORMAT = "tyr-teacher-targets"
 FORMAT_VERSION = 1
@@ -164,6 +171,7 @@ def compute_and_save_teacher_targets(
     meta: dict[str, Any] | None = None,
     progress: bool = False,
     logit_budget: int = DEFAULT_LOGIT_BUDGET,
+    fill: Callable[[dict, list[tuple[int, int]]], None] | None = None,
 ) -> TeacherTargets:
     """Compute top-K targets batch by batch, streaming each batch into `directory`; returns the opened targets.
 
@@ -171,6 +179,10 @@ def compute_and_save_teacher_targets(
     is written in place in a temporary file and renamed when complete, then meta.json is written. The bytes
     equal those of :func:`save_teacher_targets` for the same targets. ``tokens_sha256`` is added to the
     metadata (unless the caller supplied one) so readers can check their tokens.
+
+    `fill(layout, blocks)`: other processes compute the rows instead (data-parallel teacher on Ray workers):
+    each block [start, stop) of `batch_size` sequences goes through `write_teacher_rows` into the temporary file
+    described by `layout`; the blocks are the ones this process would compute, so the bytes are the same.
     """
     vocab = int(base_and_head(model)[1].weight.shape[0])
     _check_k(k, vocab)  # before anything is written
@@ -185,9 +197,12 @@ def compute_and_save_teacher_targets(
         metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
     )
     try:
-        for s, _, v, i in _iter_topk(model, tokens, k, batch_size, progress, logit_budget):
-            writer.write_rows("values", s, v)
-            writer.write_rows("indices", s, i)
+        if fill is None:
+            for s, _, v, i in _iter_topk(model, tokens, k, batch_size, progress, logit_budget):
+                writer.write_rows("values", s, v)
+                writer.write_rows("indices", s, i)
+        else:
+            fill(writer.layout(), list(iter_batches(n, batch_size, False, "")))
         file_sha = writer.commit()
     except BaseException:
         writer.abort()
@@ -197,6 +212,22 @@ def compute_and_save_teacher_targets(
     full_meta.setdefault("vocab_size", vocab)
     _write_meta(directory, full_meta, n, t, k, file_sha)
     return TeacherTargets.open(directory)
+
+
+def write_teacher_rows(
+    model,
+    tokens: torch.Tensor,
+    k: int,
+    layout: dict,
+    start: int,
+    stop: int,
+    logit_budget: int = DEFAULT_LOGIT_BUDGET,
+) -> None:
+    """Rows [start, stop) of the top-K targets of `tokens`, computed here in one forward and written into the
+    targets file another process is filling (`layout`; see `compute_and_save_teacher_targets(fill=...)`)."""
+    for _, _, v, i in _iter_topk(model, tokens[start:stop], k, stop - start, False, logit_budget):
+        write_rows_into(layout, "values", start, v)
+        write_rows_into(layout, "indices", start, i)
 
 
 # ----------------------------------------------------------------------------------------------- read

@@ -179,6 +179,23 @@ class SerialEvaluator:
             self.num_evaluations += 1
         return scores
 
+    def order_units(self, units: Sequence[tuple[Genome, Block]], batch: Batch) -> list[int]:
+        """The order to score a chunk of work units in (indices into `units`), preparing the prefix cache for
+        it: with the cache on and several genomes in the chunk, the one the others share most blocks with goes
+        first and is recorded on each of its blocks, and the others replay it (a Ray worker's chunk: several
+        candidates on the worker's home blocks in early stages). Values do not depend on the order."""
+        order = list(range(len(units)))
+        genomes = list(dict.fromkeys(tuple(int(v) for v in g) for g, _ in units))
+        if self.prefix is None or len(genomes) < 2:
+            return order
+        self._check_ready()
+        batch = as_batch(batch)
+        reference = genomes[choose_reference(genomes)]
+        self.prefix.reset(reference, (batch.sequences, batch.positions(self.targets.seq_len)))
+        first = [i for i in order if tuple(int(v) for v in units[i][0]) == reference]
+        rest = set(order) - set(first)
+        return [*first, *(i for i in order if i in rest)]
+
     def unit_sums(self, genome: Genome, batch: Batch, block: Block) -> list[float]:
         """One work unit: `genome`'s KL sum over the scored positions of each sequence of
         `batch.sequences[start:stop]` (one forward), float64, in sequence order."""

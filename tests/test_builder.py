@@ -200,7 +200,9 @@ def test_center_accumulation_propagates_exactly_the_uniform_path(tmp_path, monke
     entering: dict[int, torch.Tensor] = {}
     handles = [
         adapter.layer(i).register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: entering.__setitem__(i, (args[0] if args else kwargs["hidden_states"])),
+            lambda m, args, kwargs, i=i: entering.__setitem__(
+                i, (args[0] if args else kwargs["hidden_states"])
+            ),
             with_kwargs=True,
         )
         for i in range(adapter.num_layers)

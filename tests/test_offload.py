@@ -162,14 +162,14 @@ def test_build_settings_identity():
     assert "offload" not in identity_dict(cfg)["supernet"]
     assert "offload_dir" not in identity_dict(cfg)["supernet"]
     assert RunConfig().supernet.offload == "auto"
-    default = resolve_config(None, [])
+    default = resolve_config(None, ["supernet.refit=zero"])  # what runs stored before the key did
     stored = yaml.safe_load(dump_yaml(default))
     for key in ("hessian_tf32", "solve_dtype", "refit"):
         del stored["supernet"][key]  # as an older Tyr wrote it
     assert config_difference(stored, dump_yaml(default)) is None
-    changed = resolve_config(None, ["supernet.solve_dtype=float32"])
+    changed = resolve_config(None, ["supernet.refit=zero", "supernet.solve_dtype=float32"])
     assert "solve_dtype" in config_difference(stored, dump_yaml(changed))
-    assert "refit" in config_difference(stored, dump_yaml(resolve_config(None, ["supernet.refit=dense"])))
+    assert "refit" in config_difference(stored, dump_yaml(resolve_config(None, [])))  # the presets: dense
 
 
 @pytest.mark.parametrize(
@@ -199,6 +199,13 @@ def test_dense_refit_needs_the_tyr_refit(other):
 def test_refit_reaches_the_pruner_options():
     from tyr.pipeline import build_plan
 
-    plan = build_plan(resolve_config(None, ["supernet.refit=dense"]), [])
+    plan = build_plan(resolve_config(None, []), [])  # every preset re-fits toward the dense weights
     assert plan.attn_options.refit == plan.mlp_options.refit == "dense"
-    assert build_plan(resolve_config(None, []), []).mlp_options.refit == "zero"
+    assert build_plan(resolve_config(None, ["supernet.refit=zero"]), []).mlp_options.refit == "zero"
+
+
+@pytest.mark.parametrize("schedule", ["paper", "cpu", "smoke"])
+@pytest.mark.parametrize("other", ["supernet.criterion=wanda-sp", "supernet.use_hessian=false"])
+def test_a_criterion_without_refit_leaves_the_presets_refit_at_the_default(schedule, other):
+    assert resolve_config(None, [f"schedule={schedule}"]).supernet.refit == "dense"
+    assert resolve_config(None, [f"schedule={schedule}", other]).supernet.refit == "zero"

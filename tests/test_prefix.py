@@ -79,3 +79,44 @@ def test_prefix_cache_gives_the_same_bits_and_skips_blocks(family, tmp_path):
     assert prefix.blocks_skipped == expected > 0
     tight, prefix = values(1)  # a budget nothing fits in: every candidate runs in full
     assert tight == plain and prefix.blocks_skipped == 0
+
+
+def test_a_ray_workers_chunk_replays_its_reference_with_the_same_bits(tiny_assets, tmp_path):
+    """On Ray each worker gets chunks of work units (several candidates on its home blocks in early stages): the
+    chunk's reference runs first and the others replay it. Here the worker class runs in-process (what each
+    actor holds), on a real run directory, with the cache on and off."""
+    from tests.conftest import smoke_args
+    from tyr.cli import main
+    from tyr.cluster import _shippable_config, _Worker
+    from tyr.rundir import RunDir
+    from tyr.supernet.store import SupernetStore
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            smoke_args(
+                tiny_assets, out, "--set", "search.num_iterations=1", "--set", "search.generations=[1]"
+            )
+        )
+        == 0
+    )
+    run = RunDir(out)
+    cfg = run.load_config()
+    store = SupernetStore.open(run.supernet_dir(1))
+    space = _space(store)
+    parent = tuple(run.read_result(1)["genome"])
+    children = sample_offspring(parent, space, np.random.default_rng(5), 5, 2)
+    batch = Batch(tuple(range(cfg.data.num_sequences)))
+    units = [[list(g), a, b] for g in (*children[:2], parent, *children[2:]) for a, b in ((0, 4), (4, 8))]
+
+    def sums(prefix_cache_bytes):
+        cfg.search.prefix_cache_bytes = prefix_cache_bytes
+        spec = {"config": _shippable_config(cfg), "run_dir": str(out), "num_threads": 1, "num_gpus": 0}
+        worker = _Worker(spec)
+        result = worker.evaluate(str(run.supernet_dir(1)), store.fingerprint_hash, units, batch.to_json())
+        prefix = worker.evaluator.prefix
+        return result["sums"], 0 if prefix is None else prefix.blocks_skipped
+
+    plain, skipped_off = sums(0)
+    cached, skipped_on = sums(1 << 30)
+    assert cached == plain and skipped_off == 0 and skipped_on > 0

@@ -447,6 +447,8 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
         return json.loads((run / rel).read_text())
 
     assert read(out, "final/architecture.json") == read(serial_dir, "final/architecture.json")
+    # the teacher pass ran on the workers (blocks of search.batch_size sequences): the serial run's bytes
+    assert read(out, "teacher/meta.json") == read(serial_dir, "teacher/meta.json")
     for it in (1, 2):
         got, want = read(out, f"iter-{it}/result.json"), read(serial_dir, f"iter-{it}/result.json")
         assert got["genome"] == want["genome"] and got["centres"] == want["centres"]
@@ -518,6 +520,39 @@ def test_a_hung_worker_is_replaced_and_its_units_rerun(ray_run, reference, pool2
     assert not pool2.hang_path.exists()
     assert (pool2.stats.failures, pool2.stats.restarts) == (failures + 1, restarts + 1)
     assert evaluator(genomes, BATCHES[1]) == reference.values(1, genomes, BATCHES[1])
+
+
+def test_teacher_rows_on_workers_are_the_serial_bytes_with_a_worker_killed(
+    ray_run, reference, pool2, tmp_path
+):
+    """The data-parallel teacher pass: workers compute blocks of search.batch_size sequences and write them into
+    the driver's targets file; the bytes are the serial pass's (same blocks, one thread), also when a worker is
+    SIGKILLed in its task (the block runs again elsewhere)."""
+    from tyr.evaluators.teacher import compute_and_save_teacher_targets
+
+    run_dir, cfg = ray_run
+    reference.close()  # the model back to dense: earlier tests left a candidate applied
+    s = reference.session
+    k, bs = cfg.search.topk, cfg.search.batch_size
+    with torch_threads(1):
+        serial = compute_and_save_teacher_targets(
+            s.model, s.calibration, k, tmp_path / "serial", batch_size=bs
+        )
+    pool2.fault_path.touch()
+    failures = pool2.stats.failures
+
+    def fill(layout, blocks):
+        assert len(blocks) > 2  # several tasks, spread over both workers
+        pool2.map("teacher_rows", [(layout, a, b) for a, b in blocks])
+
+    on_ray = compute_and_save_teacher_targets(
+        s.model, s.calibration, k, tmp_path / "ray", batch_size=bs, fill=fill
+    )
+    assert not pool2.fault_path.exists() and pool2.stats.failures == failures + 1  # the fault fired
+    assert (tmp_path / "ray" / "targets.safetensors").read_bytes() == (
+        tmp_path / "serial" / "targets.safetensors"
+    ).read_bytes()
+    assert on_ray.meta == serial.meta
 
 
 # -- Ray: configuration errors ---------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def test_a_run_stored_before_the_keys_existed_resumes_as_it_began():
         ("search", "selection"),
         ("search", "validate_every"),
         ("data", "num_validation_sequences"),
+        ("supernet", "refit"),
     ):
         del old[section][key]
     stored = config_from_stored(old)
@@ -91,7 +92,13 @@ def test_a_run_stored_before_the_keys_existed_resumes_as_it_began():
     )
     assert config_difference(old, dump_yaml(current)) is None  # the same command resumes the old run ...
     resumed, keys = resumed_config(current, old)
-    assert sorted(keys) == ["data.num_validation_sequences", "search.selection", "search.validate_every"]
+    assert sorted(keys) == [
+        "data.num_validation_sequences",
+        "search.selection",
+        "search.validate_every",
+        "supernet.refit",
+    ]
+    assert resumed.supernet.refit == "zero"
     assert (resumed.search.selection, resumed.data.num_validation_sequences) == (
         "legacy",
         0,

@@ -22,13 +22,14 @@ See docs/ray.md for cluster usage.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,6 @@ class _Worker:
         from tyr import pipeline
         from tyr.config import RunConfig, from_dict
         from tyr.data import load_tokens
-        from tyr.evaluators.teacher import TeacherTargets
 
         t0 = time.perf_counter()
         spec = self.spec
@@ -255,23 +255,31 @@ class _Worker:
         if multi_gpu:
             session.model = _dispatch_over_gpus(session.model)
             self.device_name = f"{torch.cuda.device_count()} GPUs"
-        targets = TeacherTargets.open(RunDir(spec["run_dir"]).teacher_dir)
+        self.session = session
+        self.seconds_setup = time.perf_counter() - t0
+
+    def _open_targets(self) -> None:
+        """The run's teacher targets (and hidden states for kl+hidden), written by the driver's teacher phase."""
+        from tyr.evaluators.teacher import TeacherTargets
+
+        cfg, run = self.session.cfg, RunDir(self.spec["run_dir"])
+        targets = TeacherTargets.open(run.teacher_dir)
         if targets.k != cfg.search.topk:
             raise TyrError(
                 f"teacher targets in {targets.directory} have k={targets.k} but search.topk={cfg.search.topk}"
             )
-        targets.check_tokens(session.calibration)
-        self.session, self.targets = session, targets
-        self.hidden = None
-        if cfg.search.fitness == "kl+hidden":  # the driver computed them before starting the workers
+        targets.check_tokens(self.session.calibration)
+        self.targets = targets
+        if cfg.search.fitness == "kl+hidden":
             from tyr.evaluators.hidden import TeacherHidden
 
-            self.hidden = TeacherHidden.open(RunDir(spec["run_dir"]).teacher_hidden_dir)
-        self.seconds_setup = time.perf_counter() - t0
+            self.hidden = TeacherHidden.open(run.teacher_hidden_dir)
 
     def _use_supernet(self, supernet_dir: str, fingerprint_hash: str) -> None:
         if self.supernet == (supernet_dir, fingerprint_hash):
             return
+        if self.targets is None:
+            self._open_targets()
         from tyr.run import search_evaluator
         from tyr.supernet.store import SupernetStore
 
@@ -292,15 +300,29 @@ class _Worker:
             self.hidden,
             # an auto cache assumes every worker of the pool shares this machine's memory
             host_memory_share=0.5 / max(int(self.spec.get("num_workers", 1)), 1),
-            prefix_cache_bytes=0,  # work units are scored one by one here (`unit_sums`): nothing to replay
         )
         self.supernet = (supernet_dir, fingerprint_hash)
 
-    def setup(self, supernet_dir: str, fingerprint_hash: str) -> dict:
+    def setup(self, supernet_dir: str | None, fingerprint_hash: str | None) -> dict:
+        """Load the model and the run's kept calibration windows; open `supernet_dir` too unless None (the
+        teacher phase, before any supernet)."""
         if self.session is None:
             self._open_session()
-        self._use_supernet(supernet_dir, fingerprint_hash)
+        if supernet_dir is not None:
+            self._use_supernet(supernet_dir, fingerprint_hash)
         return self.info()
+
+    def teacher_rows(self, layout: dict, start: int, stop: int) -> int:
+        """Teacher targets of calibration sequences [start, stop) (one forward), written into the driver's
+        targets file (`layout`, on the shared run directory). Returns the number of sequences written."""
+        from tyr.evaluators.teacher import write_teacher_rows
+
+        self.setup(None, None)
+        self._maybe_fault()
+        self._maybe_hang()
+        session = self.session
+        write_teacher_rows(session.model, session.calibration, session.cfg.search.topk, layout, start, stop)
+        return stop - start
 
     def info(self) -> dict:
         import torch
@@ -321,14 +343,16 @@ class _Worker:
         self.setup(supernet_dir, fingerprint_hash)
         fitness_batch = Batch.from_json(batch)
         before = self.evaluator.io_counters
-        sums = []
-        for i, (genome, start, stop) in enumerate(units):
-            genome = tuple(int(v) for v in genome)
-            if i == min(1, len(units) - 1):
+        work = [(tuple(int(v) for v in genome), (int(start), int(stop))) for genome, start, stop in units]
+        sums: list = [None] * len(work)
+        # with a prefix cache, the chunk's reference genome first, the others replaying its blocks
+        for n, i in enumerate(self.evaluator.order_units(work, fitness_batch)):
+            genome, block = work[i]
+            if n == min(1, len(work) - 1):
                 self.evaluator.apply(genome)
                 self._maybe_fault()  # mid-unit: its genome applied, nothing scored
                 self._maybe_hang()
-            sums.append(self.evaluator.unit_sums(genome, fitness_batch, (int(start), int(stop))))
+            sums[i] = self.evaluator.unit_sums(genome, fitness_batch, block)
         return {"sums": sums, "io": (self.evaluator.io_counters - before).to_json()}
 
     def _maybe_fault(self) -> None:
@@ -696,6 +720,59 @@ class ActorPool:
         self.stats.seconds += time.perf_counter() - t0
         return queue.results(positions)
 
+    def map(self, method: str, tasks: Sequence[tuple]) -> list:
+        """`worker.method(*task)` for every task, spread over the workers (at most `PIPELINE_DEPTH` calls in
+        flight per worker), results in task order. Workers need only the model and the kept windows (no supernet).
+        A task whose worker dies is re-run elsewhere (up to `max_retries` times); a hung worker is replaced after
+        `call_timeout_s`; an error raised inside a task stops the map."""
+        if self._closed:
+            raise TyrError("this Ray pool is closed")
+        ray = _ray()
+        pending = collections.deque(range(len(tasks)))
+        failures = [0] * len(tasks)
+        results: list = [None] * len(tasks)
+        in_flight: dict[Any, tuple[_Slot, int, int]] = {}
+        no_supernet = (None, None)
+        setups = self._setup_refs(no_supernet)
+        while pending or in_flight:
+            for slot in self._ready_slots():
+                while pending and slot.in_flight < PIPELINE_DEPTH:
+                    i = pending.popleft()
+                    in_flight[getattr(slot.actor, method).remote(*tasks[i])] = (slot, slot.generation, i)
+                    slot.in_flight += 1
+                    slot.busy_since = slot.busy_since or time.monotonic()
+            if not in_flight and not setups:
+                self._check_not_all_retired()
+                setups = self._setup_refs(no_supernet)
+                continue
+            done, _ = ray.wait(list(in_flight) + list(setups), num_returns=1, timeout=_WAIT_POLL_S)
+            for ref in done:
+                if ref in setups:
+                    self._on_setup_done(ref, *setups.pop(ref))
+                    continue
+                slot, generation, i = in_flight.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise self._task_error(slot, e) from None
+                except _crash_errors() as e:
+                    failures[i] += 1
+                    if failures[i] > self.max_retries:
+                        raise TyrError(f"{method} task {i} failed {failures[i]} times (last: {e})") from None
+                    pending.appendleft(i)
+                    if generation == slot.generation:
+                        self._replace_actor(slot, e)
+                    continue
+                if generation == slot.generation:
+                    slot.in_flight -= 1
+                    slot.consecutive_failures = 0
+                    slot.busy_since = time.monotonic() if slot.in_flight else None
+            self._replace_hung()
+            setups.update(self._setup_refs(no_supernet))
+            self._give_up_unplaced(setups)
+            self._check_not_all_retired()
+        return results
+
     def _on_units_done(self, ref, slot: _Slot, generation: int, units: list, queue: WorkQueue) -> None:
         """Record a call's sums and I/O, or put its units back when its worker died (replacing the worker)."""
         ray = _ray()
@@ -776,8 +853,11 @@ class RayWorkerPool(ActorPool):
             pool_options.get("max_retries", 2),
         )
         self.run_dir = Path(run_dir).resolve()
-        if not RunDir(self.run_dir).has_teacher():
-            raise TyrError(f"{self.run_dir} holds no teacher targets: not a run directory")
+        run = RunDir(self.run_dir)
+        if not run.has_teacher() and not run.tokens_path("calibration").is_file():
+            raise TyrError(
+                f"{self.run_dir} holds neither teacher targets nor kept windows: not a run directory"
+            )
         self.num_threads = int(num_threads) if num_threads else max(1, int(num_cpus_per_worker))
         spec = {
             "config": _shippable_config(cfg),
@@ -914,9 +994,21 @@ class RayEvaluatorFactory:
         self.pool: RayWorkerPool | None = None
 
     def __call__(self, supernet_dir: str | os.PathLike) -> RayEvaluator:
+        return RayEvaluator(self.cfg, self.run_dir, supernet_dir, pool=self.workers())
+
+    def workers(self) -> RayWorkerPool:
+        """The pool, started on first use."""
         if self.pool is None:
             self.pool = RayWorkerPool(self.cfg, self.run_dir, self.num_workers, **self.pool_options)
-        return RayEvaluator(self.cfg, self.run_dir, supernet_dir, pool=self.pool)
+        return self.pool
+
+    def teacher_fill(self) -> Callable[[dict, list[tuple[int, int]]], None]:
+        """`compute_and_save_teacher_targets(fill=...)` on the workers: one task per block of sequences."""
+
+        def fill(layout: dict, blocks: list[tuple[int, int]]) -> None:
+            self.workers().map("teacher_rows", [(layout, start, stop) for start, stop in blocks])
+
+        return fill
 
     def close(self) -> None:
         if self.pool is not None:

@@ -75,8 +75,9 @@ class SupernetConfig:
     criterion: str = "tyr"  # a name registered in tyr.supernet.criteria.CRITERIA
     damp: float = 0.01
     # The ridge refit's target (criterion tyr): zero solves Hd[K,K] W_K = (H W)[K], shrinking kept weights toward
-    # zero (Tyr's default, and what runs stored before this key did); dense solves Hd[K,K] W_K = (Hd W)[K],
-    # shrinking them toward the dense weights (the official Týr code). tyr.supernet.pruner has the details.
+    # zero (what runs stored before this key did); dense solves Hd[K,K] W_K = (Hd W)[K], shrinking them toward
+    # the dense weights (the official Týr code; the presets' choice: lower validation KL in
+    # benchmarks/search_quality.py). tyr.supernet.pruner has the details.
     refit: Literal["zero", "dense"] = "zero"
     use_hessian: bool = True  # ablation switches of the local pruner (paper Table 7)
     # Off by default: the signed first-order term of the official code (Σ W_g ⊙ G_g, G = H·W) measurably hurts
@@ -140,7 +141,8 @@ class SearchConfig:
     variant_cache_bytes: int | None = None
     # Bytes of decoder-block outputs of a reference genome (the parent, in paired selection) kept per fitness
     # call, so a candidate runs from its first changed block (tyr.search.prefix). On the model's device; not
-    # run identity: fitness values are bit-identical with and without it. 0 = off. Serial backend only.
+    # run identity: fitness values are bit-identical with and without it. 0 = off. On Ray, per worker: the
+    # reference is chosen among the candidates of each chunk of work units the worker gets.
     prefix_cache_bytes: int = 0
 
     def stages_for(self, iteration: int) -> list[list[int]]:
@@ -646,9 +648,20 @@ def resolve_config(path: str | None, overrides: list[str]) -> RunConfig:
     schedule = user.get("schedule", RunConfig.schedule)
     data = _deep_merge(preset(schedule), user)
     data["schedule"] = schedule
+    _drop_inapplicable_refit(data, user)
     cfg = from_dict(RunConfig, data)
     cfg.validate()
     return cfg
+
+
+def _drop_inapplicable_refit(data: dict, user: dict) -> None:
+    """The presets' `supernet.refit` applies to criterion tyr with the Hessian only: with another criterion the
+    preset's value gives way to the default (a refit the user sets explicitly is still checked, and refused)."""
+    supernet, user_supernet = data.get("supernet"), user.get("supernet")
+    if not isinstance(supernet, dict) or (isinstance(user_supernet, dict) and "refit" in user_supernet):
+        return
+    if supernet.get("criterion", "tyr") != "tyr" or supernet.get("use_hessian", True) is False:
+        supernet.pop("refit", None)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -695,7 +708,12 @@ def dump_yaml(cfg: Any) -> str:
 # the key existed). Re-running an older run's own command after an upgrade resolves the preset's new value; a
 # run whose stored config lacks such a key therefore continues with the default, as it began, unless the
 # command asks for something that is neither (then the configs differ).
-PRESET_UPGRADES = ("search.selection", "search.validate_every", "data.num_validation_sequences")
+PRESET_UPGRADES = (
+    "search.selection",
+    "search.validate_every",
+    "data.num_validation_sequences",
+    "supernet.refit",
+)
 
 
 def _lookup(data: dict, key: str, missing: Any = None) -> Any:

@@ -111,6 +111,16 @@ class StreamingTensorFile:
         self._file.seek(self._offsets[name] + start * row_bytes)
         self._file.write(rows.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
 
+    def layout(self) -> dict:
+        """Where each tensor's rows go in the temporary file, for writers in other processes
+        (`write_rows_into`): {"path": ..., "tensors": {name: [offset, row bytes, dtype, shape]}}."""
+        self._file.flush()
+        tensors = {}
+        for name, (dtype, shape) in self._specs.items():
+            row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+            tensors[name] = [self._offsets[name], row_bytes, str(dtype).removeprefix("torch."), list(shape)]
+        return {"path": self._tmp, "tensors": tensors}
+
     def commit(self) -> str:
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -123,6 +133,28 @@ class StreamingTensorFile:
         if not self._file.closed:
             self._file.close()
         Path(self._tmp).unlink(missing_ok=True)
+
+
+def write_rows_into(layout: dict, name: str, start: int, rows: torch.Tensor) -> None:
+    """Write `rows` as rows start, start+1, ... of tensor `name` of a `StreamingTensorFile` another process is
+    filling (its `layout()`): a Ray worker's share of the teacher targets. The file must be on storage this process
+    sees (shared by every node); the writes are synced before returning, so the owner's commit sees them."""
+    offset, row_bytes, dtype, shape = layout["tensors"][name]
+    if (
+        str(rows.dtype).removeprefix("torch.") != dtype
+        or list(rows.shape[1:]) != shape[1:]
+        or start + rows.shape[0] > shape[0]
+    ):
+        raise ValueError(f"rows {rows.dtype}{list(rows.shape)} at {start} do not fit {name} {dtype}{shape}")
+    data = rows.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    fd = os.open(layout["path"], os.O_WRONLY)
+    try:
+        written = os.pwrite(fd, data, offset + start * row_bytes)
+        if written != len(data):
+            raise OSError(f"short write to {layout['path']}: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _current_umask() -> int:

@@ -100,16 +100,20 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
             f"{run_dir.path} began before {', '.join(upgraded)} existed; it continues as it began "
             f"({', '.join(f'{k}={_setting(session.cfg, k)}' for k in upgraded)})"
         )
-    targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress)
-    pipeline.keep_tokens(run_dir, "calibration", session.calibration)  # confirmed by the targets' hash
-    validation = validation_set(session, run_dir, progress)
-    hidden = ensure_teacher_hidden(session, run_dir, progress)
-    make_evaluator, make_validator, close_backend = fitness_backend(
-        session, targets, run_dir, progress, verbose, validation, hidden
-    )
-    centres = pipeline.uniform_centres(session.adapter, cfg)
-    best = None
+    workers = ray_workers(session, run_dir, verbose)  # None on the serial backend; started on first use
     try:
+        if workers is not None and not run_dir.has_teacher():
+            # the workers read the run's kept windows: keep them before they compute the teacher's rows
+            pipeline.keep_tokens(run_dir, "calibration", session.calibration)
+        targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress, workers=workers)
+        pipeline.keep_tokens(run_dir, "calibration", session.calibration)  # confirmed by the targets' hash
+        validation = validation_set(session, run_dir, progress)
+        hidden = ensure_teacher_hidden(session, run_dir, progress)
+        make_evaluator, make_validator = fitness_backend(
+            session, targets, progress, validation, hidden, workers
+        )
+        centres = pipeline.uniform_centres(session.adapter, cfg)
+        best = None
         for iteration in range(1, num_iterations(session.cfg) + 1):
             result = run_iteration(
                 session, targets, run_dir, iteration, centres, make_evaluator, progress, make_validator
@@ -117,8 +121,19 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
             best = best_of(best, result)
             centres = best.centres
     finally:
-        close_backend()
+        if workers is not None:
+            workers.close()
     return finalise(session, run_dir, best, progress)
+
+
+def ray_workers(session: pipeline.Session, run_dir: RunDir, verbose: bool):
+    """The run's Ray workers (`tyr.cluster.RayEvaluatorFactory`: actors started on first use and kept for the
+    whole run: the teacher pass, then every iteration's search), or None on the serial backend."""
+    if session.cfg.backend.kind != "ray":
+        return None
+    from tyr.cluster import ray_evaluator_factory
+
+    return ray_evaluator_factory(session.cfg, run_dir.path, verbose=verbose)
 
 
 def _setting(cfg: RunConfig, key: str):
@@ -142,24 +157,21 @@ def num_iterations(cfg: RunConfig) -> int:
 def fitness_backend(
     session: pipeline.Session,
     targets: TeacherTargets,
-    run_dir: RunDir,
     progress: bool,
-    verbose: bool = False,
     validation: Validation | None = None,
     hidden: TeacherHidden | None = None,
+    workers=None,
 ) -> tuple[
     Callable[[SupernetStore], object],
     Callable[[SupernetStore, object | None], Validator | None],
-    Callable[[], None],
 ]:
-    """(make_evaluator(store), make_validator(store, evaluator), close()) for `cfg.backend`; Ray workers start on
-    first use. make_validator gives None without validation windows.
+    """(make_evaluator(store), make_validator(store, evaluator)): the serial evaluator, or the Ray `workers`'
+    (`ray_workers`). make_validator gives None without validation windows.
 
     Validation runs in this process: through the serial evaluator itself when it is given one (its model and
     rows are the calibration windows followed by the validation windows, so both share one realised model),
     else on a serial evaluator of its own (the Ray workers hold the calibration windows only).
     """
-    cfg = session.cfg
     num_calibration = session.calibration.shape[0]
     tokens, rows = session.calibration, targets
     if validation is not None:
@@ -180,13 +192,9 @@ def fitness_backend(
         own.progress = False
         return Validator(own, Batch(tuple(range(num_validation))), store, owned=True)
 
-    if cfg.backend.kind == "ray":
-        from tyr.cluster import ray_evaluator_factory
-
-        factory = ray_evaluator_factory(cfg, run_dir.path, verbose=verbose)
-        return (lambda store: factory(store.directory)), make_validator, factory.close
-
-    return serial, make_validator, (lambda: None)
+    if workers is not None:
+        return (lambda store: workers(store.directory)), make_validator
+    return serial, make_validator
 
 
 def search_evaluator(
@@ -284,12 +292,16 @@ def ensure_teacher_targets(
     progress: bool,
     tokens: torch.Tensor | None = None,
     what: str = "calibration",
+    workers=None,
 ) -> TeacherTargets:
     """Dense top-K logits of the calibration set (or of `tokens`: the validation windows), computed once per run.
 
     Resuming, the stored sha256 is checked once per command (it reads the whole file: ~5 min for the 206 GB of
     the paper setting). Damaged targets (changed bytes, unreadable metadata) are recomputed, with a warning:
     they are derived data, and the same model and tokens give the same targets.
+
+    With Ray `workers` (the calibration set only) each worker computes blocks of `search.batch_size` sequences and
+    writes them into the targets file on the shared run directory: the same blocks, so the same bytes.
     """
     tokens = session.calibration if tokens is None else tokens
     tokens_sha = sha256_tensor(tokens)
@@ -306,7 +318,14 @@ def ensure_teacher_targets(
                 f"the {what} tokens differ from those the teacher targets in {directory} were computed on "
                 "(did the data source change?); restore the data, or start a new run in another --out"
             )
-    logger.info(f"teacher: top-{session.cfg.search.topk} logits of {tuple(tokens.shape)} {what} tokens")
+    where = (
+        f" on {session.cfg.backend.num_workers} Ray workers"
+        if workers is not None and what == "calibration"
+        else ""
+    )
+    logger.info(
+        f"teacher: top-{session.cfg.search.topk} logits of {tuple(tokens.shape)} {what} tokens{where}"
+    )
     return compute_and_save_teacher_targets(
         session.model,
         tokens,
@@ -315,6 +334,7 @@ def ensure_teacher_targets(
         batch_size=session.cfg.search.batch_size,
         meta={"tokens_sha256": tokens_sha},
         progress=progress,
+        fill=workers.teacher_fill() if workers is not None and what == "calibration" else None,
     )
 
 

@@ -10,7 +10,9 @@ calibration draw; the calibration windows themselves are those of a run without 
 iteration's result and the final model. In paper and cpu, later iterations get at least the generations and
 the last-stage tokens of earlier ones (smoke keeps its (3, 2): tests read its log lines). cpu and smoke run
 candidates from their first changed block (`search.prefix_cache_bytes`, measured 1.2-1.3x per generation on the
-demo); paper leaves it off (device memory: set it from `tyr plan`). (Runs stored before these keys existed continue as they began: `tyr.config.resumed_config`.)
+demo); paper leaves it off (device memory: set it from `tyr plan`). All three re-fit toward the dense weights
+(`supernet.refit: dense`: chosen on validation KL, benchmarks/search_quality.py; criteria without a refit keep
+the default). (Runs stored before these keys existed continue as they began: `tyr.config.resumed_config`.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from tyr.errors import TyrError
 PRESETS: dict[str, dict] = {
     "paper": {
         "data": {"num_sequences": 1024, "seq_len": 4096, "num_validation_sequences": 32},
-        "supernet": {"num_levels": 9, "attn_step": 0.125, "mlp_step": 0.125, "batch_size": 4},
+        "supernet": {
+            "num_levels": 9,
+            "attn_step": 0.125,
+            "mlp_step": 0.125,
+            "batch_size": 4,
+            "refit": "dense",
+        },
         "search": {
             "num_iterations": 4,
             "generations": [50, 50, 50, 50],
@@ -37,7 +45,7 @@ PRESETS: dict[str, dict] = {
     },
     "cpu": {
         "data": {"num_sequences": 32, "seq_len": 512, "num_validation_sequences": 8},
-        "supernet": {"num_levels": 9},
+        "supernet": {"num_levels": 9, "refit": "dense"},
         "search": {
             "num_iterations": 2,
             "generations": [5, 5],
@@ -59,6 +67,7 @@ PRESETS: dict[str, dict] = {
             "channel_multiple": 4,
             "mlp_rounds": 4,
             "batch_size": 4,
+            "refit": "dense",
         },
         "search": {
             "num_iterations": 2,
