@@ -59,9 +59,9 @@ def test_every_method_exports_and_evaluates_in_a_fresh_process(runs, tmp_path):
     for name, run in runs.items():
         rd = RunDir(run)
         selection = rd.selection()
-        expected_iterations = 1 if METHODS[name].one_shot else 2
-        assert selection.iteration == expected_iterations, name
-        assert selection.genome == tuple(rd.read_result(expected_iterations)["genome"])
+        # one-shot: iteration 1; otherwise the better-validating iteration (not necessarily the last)
+        assert selection.iteration in ((1,) if METHODS[name].one_shot else (1, 2)), name
+        assert selection.genome == tuple(rd.read_result(selection.iteration)["genome"])
         exported = json.loads((tmp_path / f"export-{name}" / "architecture.json").read_text())
         assert exported == rd.read_architecture(), name
         metrics, measured = rd.read_metrics(), evaluated[str(run)]
