@@ -682,17 +682,14 @@ class ActorPool:
         candidate's per-sequence sums reduced in sequence order."""
         if self._closed:
             raise TyrError("this Ray evaluator is closed")
-        ray = _ray()
         t0 = time.perf_counter()
         supernet = (str(Path(supernet_dir).resolve()), fingerprint_hash)
         batch = as_batch(batch)
         positions = batch.positions(self.seq_len)
         payload_batch = batch.to_json()
         queue = WorkQueue(genomes, unit_blocks(len(batch.sequences), self.batch_size), self.max_retries + 1)
-        in_flight: dict[Any, tuple[_Slot, int, list]] = {}
-        setups = self._setup_refs(supernet)
 
-        while queue.pending or in_flight:
+        def dispatch(in_flight: dict) -> None:
             for slot, units in assign(queue, self._ready_slots(), PIPELINE_DEPTH):
                 payload = [[list(queue.unique[c]), *queue.blocks[b]] for c, b in units]
                 ref = getattr(slot.actor, method).remote(*supernet, payload, payload_batch)
@@ -700,21 +697,13 @@ class ActorPool:
                 if slot.busy_since is None:
                     slot.busy_since = time.monotonic()
                 self.stats.chunks += 1
-            if not in_flight and not setups:
-                self._check_not_all_retired()
-                setups = self._setup_refs(supernet)
-                continue
-            done, _ = ray.wait(list(in_flight) + list(setups), num_returns=1, timeout=_WAIT_POLL_S)
-            for ref in done:
-                if ref in setups:
-                    self._on_setup_done(ref, *setups.pop(ref))
-                else:
-                    self._on_units_done(ref, *in_flight.pop(ref), queue)
-            self._replace_hung()
-            setups.update(self._setup_refs(supernet))
-            self._give_up_unplaced(setups)
-            self._check_not_all_retired()
 
+        self._drive(
+            supernet,
+            lambda: bool(queue.pending),
+            dispatch,
+            lambda ref, call: self._on_units_done(ref, *call, queue),
+        )
         self.stats.calls += 1
         self.stats.evaluations += len(queue.unique)
         self.stats.seconds += time.perf_counter() - t0
@@ -731,47 +720,66 @@ class ActorPool:
         pending = collections.deque(range(len(tasks)))
         failures = [0] * len(tasks)
         results: list = [None] * len(tasks)
-        in_flight: dict[Any, tuple[_Slot, int, int]] = {}
-        no_supernet = (None, None)
-        setups = self._setup_refs(no_supernet)
-        while pending or in_flight:
+
+        def dispatch(in_flight: dict) -> None:
             for slot in self._ready_slots():
                 while pending and slot.in_flight < PIPELINE_DEPTH:
                     i = pending.popleft()
                     in_flight[getattr(slot.actor, method).remote(*tasks[i])] = (slot, slot.generation, i)
                     slot.in_flight += 1
                     slot.busy_since = slot.busy_since or time.monotonic()
+
+        def on_done(ref, call: tuple[_Slot, int, int]) -> None:
+            slot, generation, i = call
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise self._task_error(slot, e) from None
+            except _crash_errors() as e:
+                failures[i] += 1
+                if failures[i] > self.max_retries:
+                    raise TyrError(f"{method} task {i} failed {failures[i]} times (last: {e})") from None
+                pending.appendleft(i)
+                if generation == slot.generation:
+                    self._replace_actor(slot, e)
+                return
+            if generation == slot.generation:
+                slot.in_flight -= 1
+                slot.consecutive_failures = 0
+                slot.busy_since = time.monotonic() if slot.in_flight else None
+
+        self._drive((None, None), lambda: bool(pending), dispatch, on_done)
+        return results
+
+    def _drive(
+        self,
+        supernet: tuple,
+        pending: Callable[[], bool],
+        dispatch: Callable[[dict], None],
+        on_done: Callable[[Any, tuple], None],
+    ) -> None:
+        """The pool's loop: hand work to ready workers (`dispatch` adds {ref: call} to the in-flight dict), take
+        each answer (`on_done`) and each finished set-up, replace hung workers and retire unplaced ones, until
+        nothing is `pending` or in flight. Workers are set up for `supernet` ((None, None): model only)."""
+        ray = _ray()
+        in_flight: dict[Any, tuple] = {}
+        setups = self._setup_refs(supernet)
+        while pending() or in_flight:
+            dispatch(in_flight)
             if not in_flight and not setups:
                 self._check_not_all_retired()
-                setups = self._setup_refs(no_supernet)
+                setups = self._setup_refs(supernet)
                 continue
             done, _ = ray.wait(list(in_flight) + list(setups), num_returns=1, timeout=_WAIT_POLL_S)
             for ref in done:
                 if ref in setups:
                     self._on_setup_done(ref, *setups.pop(ref))
-                    continue
-                slot, generation, i = in_flight.pop(ref)
-                try:
-                    results[i] = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    raise self._task_error(slot, e) from None
-                except _crash_errors() as e:
-                    failures[i] += 1
-                    if failures[i] > self.max_retries:
-                        raise TyrError(f"{method} task {i} failed {failures[i]} times (last: {e})") from None
-                    pending.appendleft(i)
-                    if generation == slot.generation:
-                        self._replace_actor(slot, e)
-                    continue
-                if generation == slot.generation:
-                    slot.in_flight -= 1
-                    slot.consecutive_failures = 0
-                    slot.busy_since = time.monotonic() if slot.in_flight else None
+                else:
+                    on_done(ref, in_flight.pop(ref))
             self._replace_hung()
-            setups.update(self._setup_refs(no_supernet))
+            setups.update(self._setup_refs(supernet))
             self._give_up_unplaced(setups)
             self._check_not_all_retired()
-        return results
 
     def _on_units_done(self, ref, slot: _Slot, generation: int, units: list, queue: WorkQueue) -> None:
         """Record a call's sums and I/O, or put its units back when its worker died (replacing the worker)."""

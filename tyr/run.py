@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -46,6 +47,7 @@ from tyr.supernet.store import SupernetStore
 from tyr.supernet.variant import genes_of
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -228,19 +230,14 @@ def ensure_teacher_hidden(session: pipeline.Session, run_dir: RunDir, progress: 
         return None
     directory = run_dir.teacher_hidden_dir
     tokens_sha = sha256_tensor(session.calibration)
-    if directory.is_dir():
-        try:
-            hidden = TeacherHidden.open(directory, verify=True)
-        except TyrError as e:
-            logger.warning(f"the teacher hidden states are damaged ({e}); recomputing them")
-            shutil.rmtree(directory)
-        else:
-            if hidden.meta.get("tokens_sha256") == tokens_sha:
-                return hidden
-            raise TyrError(
-                f"the calibration tokens differ from those the teacher hidden states in {directory} were "
-                "computed on (did the data source change?); restore the data, or start a new run in another --out"
-            )
+    hidden = _stored(lambda: TeacherHidden.open(directory, verify=True), directory, "teacher hidden states")
+    if hidden is not None:
+        if hidden.meta.get("tokens_sha256") == tokens_sha:
+            return hidden
+        raise TyrError(
+            f"the calibration tokens differ from those the teacher hidden states in {directory} were "
+            "computed on (did the data source change?); restore the data, or start a new run in another --out"
+        )
     indices = hidden_layers(session.adapter.num_layers)
     logger.info(f"teacher: hidden states of blocks {indices} for the kl+hidden fitness")
     return compute_and_save_teacher_hidden(
@@ -305,19 +302,16 @@ def ensure_teacher_targets(
     """
     tokens = session.calibration if tokens is None else tokens
     tokens_sha = sha256_tensor(tokens)
+    targets = None
     if (directory / "meta.json").is_file():
-        try:
-            targets = TeacherTargets.open(directory, verify=True)
-        except TyrError as e:
-            logger.warning(f"the teacher targets are damaged ({e}); recomputing them")
-            shutil.rmtree(directory)
-        else:
-            if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
-                return targets
-            raise TyrError(
-                f"the {what} tokens differ from those the teacher targets in {directory} were computed on "
-                "(did the data source change?); restore the data, or start a new run in another --out"
-            )
+        targets = _stored(lambda: TeacherTargets.open(directory, verify=True), directory, "teacher targets")
+    if targets is not None:
+        if targets.meta.get("tokens_sha256") == tokens_sha and targets.k == session.cfg.search.topk:
+            return targets
+        raise TyrError(
+            f"the {what} tokens differ from those the teacher targets in {directory} were computed on "
+            "(did the data source change?); restore the data, or start a new run in another --out"
+        )
     where = (
         f" on {session.cfg.backend.num_workers} Ray workers"
         if workers is not None and what == "calibration"
@@ -336,6 +330,19 @@ def ensure_teacher_targets(
         progress=progress,
         fill=workers.teacher_fill() if workers is not None and what == "calibration" else None,
     )
+
+
+def _stored(open_verified: Callable[[], T], directory: Path, what: str) -> T | None:
+    """Stored derived data opened with its sha256 checked, or None when `directory` is absent, or damaged (then
+    removed with a warning: the same model and tokens give the same data again, so it is recomputed)."""
+    if not directory.is_dir():
+        return None
+    try:
+        return open_verified()
+    except TyrError as e:
+        logger.warning(f"the {what} are damaged ({e}); recomputing them")
+        shutil.rmtree(directory)
+        return None
 
 
 def run_iteration(
