@@ -662,11 +662,16 @@ class ActorPool:
             slot.tail = None  # a fresh SerialEvaluator on the supernet: the model is dense
 
     def _task_error(self, slot: _Slot, e) -> Exception:
-        """An exception raised inside a worker: TyrError stays a TyrError (naming the worker), bugs keep theirs."""
+        """An exception raised inside a worker: TyrError stays a TyrError (naming the worker), an OSError (a run
+        directory the worker cannot read or write) becomes one; bugs keep theirs."""
         cause = getattr(e, "cause", None)
         where = f"Ray worker {slot.index}" + (f" on {slot.info['host']}" if slot.info else "")
         if isinstance(cause, TyrError):
             return TyrError(f"{where}: {cause}")
+        if isinstance(cause, OSError):
+            return TyrError(
+                f"{where}: {cause}; the run directory must be readable and writable at the same path on every node"
+            )
         return e
 
     # ---- evaluation ----------------------------------------------------------------------------------------
