@@ -29,13 +29,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tyr.supernet.criteria import InputStats, accumulate_stats, prune_by_criterion, reconstruction_errors
+from tyr.supernet.criteria import (
+    InputStats,
+    LevelResult,
+    accumulate_stats,
+    prune_by_criterion,
+    reconstruction_errors,
+)
 from tyr.supernet.families import ModelAdapter, find_rotary
 from tyr.supernet.hidden import HiddenStore, open_hidden_store
 from tyr.supernet.ladder import Ladder
@@ -44,7 +51,7 @@ from tyr.supernet.pruner import PrunerOptions, working_bytes
 from tyr.supernet.realise import on_device
 from tyr.supernet.store import SupernetStore
 from tyr.supernet.units import unit_rows
-from tyr.supernet.variant import Variant
+from tyr.supernet.variant import Gene, Variant
 
 Chunks = list[torch.Tensor]  # projection inputs, one (B, T, d_in) tensor per chunk of calibration sequences
 RunModule = Callable[[torch.Tensor], None]  # runs one gene's module (its norm included) on a (B, T, d) chunk
@@ -131,31 +138,169 @@ def build_supernet(
     progress: bool = True,
     offload: Offload = Offload(),  # noqa: B008 - frozen, immutable default
 ) -> BuildReport:
-    """Build (or finish building) the supernet for `tokens` (N, T) into `store`."""
-    start = time.perf_counter()
-    report = BuildReport()
-    embedding = model.get_input_embeddings()
-    device, dtype = embedding.weight.device, embedding.weight.dtype
-    ledger = DeviceLedger(device)
-    ladders = {(ld.gene.layer, ld.gene.kind): ld for ld in plan.ladders}
-    shape = (tokens.shape[0], tokens.shape[1], adapter.hidden_size)  # (N, T, d)
-    with (
-        torch.inference_mode(),
-        open_hidden_store(offload.mode, shape, dtype, device, plan.batch_size, offload.directory) as hidden,
-    ):
-        _embed(embedding, tokens, hidden)
-        context = _block_context(model, hidden)
-        bar = tqdm(range(adapter.num_layers), desc="supernet", unit="block", disable=not progress)
-        for i in bar:
-            with _block_on(adapter.layer(i), device, ledger) as layer:
-                for kind, run_module in _gene_modules(layer, *context):
-                    bar.set_postfix_str(f"block {i} {kind}")
-                    _process_gene(
-                        adapter, ladders[(i, kind)], run_module, hidden, plan, store, report, ledger
-                    )
-    report.seconds = time.perf_counter() - start
+    """Build (or finish building) the supernet for `tokens` (N, T) into `store`, in this process."""
+    ledger = DeviceLedger(model.get_input_embeddings().weight.device)
+    with torch.inference_mode(), BuildShard(model, adapter, tokens, plan, offload, ledger) as shard:
+        report = drive_build(adapter, plan, store, LocalShards(shard), progress, ledger)
     report.ledger = {"offload": offload.mode, "batch_size": plan.batch_size, **ledger.summary()}
     return report
+
+
+class Shards(Protocol):
+    """Where a build's calibration sequences live: one `BuildShard` in this process (`LocalShards`), or one per
+    worker of a cluster (tyr/cluster.py). `drive_build` sees only these three steps."""
+
+    def capture(self, gene: Gene) -> InputStats:
+        """The gene's input statistics over every sequence (shards summed in a fixed order)."""
+
+    def prune(self, ladder: Ladder, stats: InputStats) -> tuple[list[LevelResult], list[float]]:
+        """Every level of the gene's ladder pruned from `stats`, and each level's reconstruction error."""
+
+    def propagate(self, ladder: Ladder, variants: Sequence[Variant]) -> None:
+        """Add the gene's expected output over `variants` to every sequence's hidden states."""
+
+
+def drive_build(
+    adapter: ModelAdapter,
+    plan: BuildPlan,
+    store: SupernetStore,
+    shards: Shards,
+    progress: bool = True,
+    ledger: DeviceLedger | None = None,
+) -> BuildReport:
+    """The build's loop, gene by gene in block order: a finished gene is read back from the store, any other is
+    captured, pruned and written; then its expected output is propagated (ALGORITHM §3-4)."""
+    start = time.perf_counter()
+    report = BuildReport()
+    ladders = {(ld.gene.layer, ld.gene.kind): ld for ld in plan.ladders}
+    bar = tqdm(range(adapter.num_layers), desc="supernet", unit="block", disable=not progress)
+    for i in bar:
+        for kind in ("attn", "mlp"):
+            bar.set_postfix_str(f"block {i} {kind}")
+            ladder = ladders[(i, kind)]
+            gene = ladder.gene
+            if ledger is not None:
+                ledger.begin_gene(gene.name)
+            reused = store.is_complete(gene) and store.verify_gene(gene)
+            if reused:
+                variants = [store.variant(gene, level) for level in ladder.levels]
+                report.genes_reused += 1
+            else:
+                stats = shards.capture(gene)
+                t0 = time.perf_counter()
+                results, errors = shards.prune(ladder, stats)
+                del stats  # the Hessian is the largest thing a gene holds: gone before the propagation
+                report.seconds_pruning += time.perf_counter() - t0
+                variants = _write_gene(adapter, ladder, results, errors, plan, store)
+                report.genes_built += 1
+            shards.propagate(ladder, variants)
+            if ledger is not None:
+                ledger.end_gene(built=not reused)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+class BuildShard:
+    """Calibration sequences and their hidden states, carried through the genes of the build so far: what one
+    process of a build holds besides the model (the serial build: every sequence; a Ray build: one worker's
+    contiguous share, whole chunks of `plan.batch_size`, so every chunk is the serial build's chunk).
+
+    `capture` gives a gene's input statistics over the shard; `propagate` adds the gene's expected output. Blocks
+    kept in host RAM while the device is an accelerator (`model.placement: offload`) are lent to the device from
+    the first step on them until a step on another block (or `close`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        tokens: torch.Tensor,
+        plan: BuildPlan,
+        offload: Offload,
+        ledger: DeviceLedger,
+    ):
+        embedding = model.get_input_embeddings()
+        self.device, dtype = embedding.weight.device, embedding.weight.dtype
+        self.adapter, self.plan, self.ledger = adapter, plan, ledger
+        self._stack = contextlib.ExitStack()
+        self._lent: tuple[int, dict[str, RunModule], contextlib.ExitStack] | None = None
+        self._inputs: tuple[Gene, Chunks] | None = None  # the last captured gene's inputs (offload none)
+        shape = (tokens.shape[0], tokens.shape[1], adapter.hidden_size)  # (N, T, d)
+        try:
+            self.hidden = self._stack.enter_context(
+                open_hidden_store(offload.mode, shape, dtype, self.device, plan.batch_size, offload.directory)
+            )
+            with torch.inference_mode():
+                _embed(embedding, tokens, self.hidden)
+                self._context = _block_context(model, self.hidden)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> BuildShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._give_back_block()
+        self._inputs = None
+        self._stack.close()
+
+    def capture(self, gene: Gene) -> InputStats:
+        """Pass 1 of `gene` over this shard's sequences (its inputs kept when the hidden states are on the device)."""
+        proj = self.adapter.output_proj(gene.layer, gene.kind)
+        run_module = self._modules(gene.layer)[gene.kind]
+        self.ledger.hold("hidden", self.hidden.device_bytes)
+        stats, kept = _input_stats(proj, run_module, self.hidden, self.plan.hessian_tf32, self.ledger)
+        self._inputs = (gene, kept) if kept is not None else None
+        return stats
+
+    def propagate(self, ladder: Ladder, variants: Sequence[Variant]) -> None:
+        """Pass 2 of the gene of `ladder`: add its expected projection output over `variants` to the shard."""
+        gene = ladder.gene
+        proj = self.adapter.output_proj(gene.layer, gene.kind)
+        run_module = self._modules(gene.layer)[gene.kind]
+        self.ledger.hold("hidden", self.hidden.device_bytes)
+        inputs = self._inputs[1] if self._inputs is not None and self._inputs[0] == gene else None
+        self._inputs = None
+        weight, bias = _propagation_weight(self.adapter, ladder, proj, variants, self.plan.accumulation)
+        _propagate(proj, run_module, self.hidden, weight, bias, inputs, self.ledger)
+
+    def _modules(self, layer: int) -> dict[str, RunModule]:
+        """Block `layer`'s two genes as functions of a chunk (the block lent to the device if it lives in RAM)."""
+        if self._lent is not None and self._lent[0] == layer:
+            return self._lent[1]
+        self._give_back_block()
+        stack = contextlib.ExitStack()
+        block = stack.enter_context(_block_on(self.adapter.layer(layer), self.device, self.ledger))
+        self._lent = (layer, dict(_gene_modules(block, *self._context)), stack)
+        return self._lent[1]
+
+    def _give_back_block(self) -> None:
+        if self._lent is not None:
+            self._lent[2].close()
+            self._lent = None
+
+
+class LocalShards:
+    """`Shards` of a build in this process: one `BuildShard` holding every sequence; pruning on its device."""
+
+    def __init__(self, shard: BuildShard):
+        self.shard = shard
+
+    def capture(self, gene: Gene) -> InputStats:
+        return self.shard.capture(gene)
+
+    def prune(self, ladder: Ladder, stats: InputStats) -> tuple[list[LevelResult], list[float]]:
+        s = self.shard
+        return prune_gene(
+            s.adapter, ladder.gene, stats, [ladder.removed(lv) for lv in ladder.levels], s.plan, s.ledger
+        )
+
+    def propagate(self, ladder: Ladder, variants: Sequence[Variant]) -> None:
+        self.shard.propagate(ladder, variants)
 
 
 def _embed(embedding: nn.Module, tokens: torch.Tensor, hidden: HiddenStore) -> None:
@@ -213,38 +358,6 @@ def _gene_modules(
     return [("attn", attention), ("mlp", mlp)]
 
 
-def _process_gene(
-    adapter: ModelAdapter,
-    ladder: Ladder,
-    run_module: RunModule,
-    hidden: HiddenStore,
-    plan: BuildPlan,
-    store: SupernetStore,
-    report: BuildReport,
-    ledger: DeviceLedger,
-) -> None:
-    """Get the gene's variants (built from its input statistics, or read back from the store), then add the
-    expected output of its projection to the hidden states."""
-    gene = ladder.gene
-    proj = adapter.output_proj(gene.layer, gene.kind)
-    ledger.begin_gene(gene.name)
-    ledger.hold("hidden", hidden.device_bytes)
-    inputs = None
-    reused = store.is_complete(gene) and store.verify_gene(gene)
-    if reused:
-        variants = [store.variant(gene, level) for level in ladder.levels]
-        report.genes_reused += 1
-    else:
-        stats, inputs = _input_stats(proj, run_module, hidden, plan.hessian_tf32, ledger)
-        t0 = time.perf_counter()
-        variants = _build_gene(adapter, ladder, proj, stats, plan, store, ledger)
-        report.seconds_pruning += time.perf_counter() - t0
-        report.genes_built += 1
-    weight, bias = _propagation_weight(adapter, ladder, proj, variants, plan.accumulation)
-    _propagate(proj, run_module, hidden, weight, bias, inputs, ledger)
-    ledger.end_gene(built=not reused)
-
-
 def _input_stats(
     proj: nn.Linear, run_module: RunModule, hidden: HiddenStore, tf32: bool, ledger: DeviceLedger
 ) -> tuple[InputStats, Chunks | None]:
@@ -272,25 +385,42 @@ def _input_stats(
     return stats, kept
 
 
-def _build_gene(
+def prune_gene(
     adapter: ModelAdapter,
-    ladder: Ladder,
-    proj: nn.Linear,
+    gene: Gene,
     stats: InputStats,
+    removed: Sequence[int],
     plan: BuildPlan,
-    store: SupernetStore,
-    ledger: DeviceLedger,
-) -> list[Variant]:
-    """Prune the gene at every level of its ladder from its input statistics; write the variants."""
-    gene = ladder.gene
+    ledger: DeviceLedger | None = None,
+) -> tuple[list[LevelResult], list[float]]:
+    """Prune the gene's dense projection once per removal count from its input statistics (on the device of
+    `stats`); each level's result and its relative reconstruction error. Levels are independent of each other,
+    so any subset of a ladder gives those levels' results exactly (a cluster prunes a gene's levels in parallel).
+    """
+    proj = adapter.output_proj(gene.layer, gene.kind)
     options = plan.attn_options if gene.kind == "attn" else plan.mlp_options
-    ledger.phase("prune")
-    ledger.hold("pruner", working_bytes(proj.in_features, proj.out_features, options))
+    if ledger is not None:
+        ledger.phase("prune")
+        ledger.hold("pruner", working_bytes(proj.in_features, proj.out_features, options))
     group_size = adapter.group_size(gene.kind)
-    removed = [ladder.removed(level) for level in ladder.levels]
     results = prune_by_criterion(plan.criterion, stats, proj.weight.T, group_size, removed, options)
     errors = reconstruction_errors(stats, proj.weight.T, results, group_size)
-    ledger.release("pruner", "stats")
+    if ledger is not None:
+        ledger.release("pruner", "stats")
+    return results, errors
+
+
+def _write_gene(
+    adapter: ModelAdapter,
+    ladder: Ladder,
+    results: Sequence[LevelResult],
+    errors: Sequence[float],
+    plan: BuildPlan,
+    store: SupernetStore,
+) -> list[Variant]:
+    """The gene's variants (on the CPU, in the storage dtype), written to the store."""
+    gene = ladder.gene
+    proj = adapter.output_proj(gene.layer, gene.kind)
     dtype = plan.storage_dtype or proj.weight.dtype
     variants = [
         Variant(
@@ -305,7 +435,7 @@ def _build_gene(
         for level, r in zip(ladder.levels, results, strict=True)
     ]
     params = [variant_params(adapter, proj, v) for v in variants]
-    store.write_gene(ladder, group_size, variants, params, errors)
+    store.write_gene(ladder, adapter.group_size(gene.kind), variants, params, list(errors))
     return variants
 
 

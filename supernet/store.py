@@ -156,6 +156,23 @@ class SupernetStore:
         store._load_genes(manifest)
         return store
 
+    @classmethod
+    def reader(cls, directory: str | Path, fingerprint_hash: str) -> SupernetStore:
+        """The genes finished so far in a supernet another process is building (a cluster worker propagating
+        them): file sizes are checked, not hashes (the builder hashed what it wrote)."""
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise TyrError(f"no supernet being built at {directory} (missing {MANIFEST})")
+        manifest = _read_manifest(path)
+        if manifest.get("fingerprint_hash") != fingerprint_hash:
+            raise TyrError(
+                f"the supernet at {directory} is not the one being built (fingerprint differs): the run "
+                "directory must be on storage shared by every node"
+            )
+        store = cls(directory, manifest["fingerprint"], hash_files=False)
+        store._load_genes(manifest)
+        return store
+
     def _load_genes(self, manifest: dict) -> None:
         """The finished genes: the manifest's full entries, completed by the records of genes finished since."""
         genes = dict(manifest["genes"])

@@ -186,13 +186,14 @@ def test_center_accumulation_propagates_exactly_the_uniform_path(tmp_path, monke
     tokens = random_tokens(4, 16)
     adapter = adapter_for(model)
     seen: dict[str, torch.Tensor] = {}  # gene -> the builder's hidden states entering it
-    process = builder._process_gene
+    capture = builder.BuildShard.capture
 
-    def recording(adapter_, ladder, run_module, hidden, *args):
-        seen[ladder.gene.name] = torch.cat([hidden.get(i).clone() for i in range(hidden.num_chunks)])
-        return process(adapter_, ladder, run_module, hidden, *args)
+    def recording(shard, gene):
+        hidden = shard.hidden
+        seen[gene.name] = torch.cat([hidden.get(i).clone() for i in range(hidden.num_chunks)])
+        return capture(shard, gene)
 
-    monkeypatch.setattr(builder, "_process_gene", recording)
+    monkeypatch.setattr(builder.BuildShard, "capture", recording)
     store, _ = _build(tmp_path, model, tokens, _plan(adapter, accumulation=mode))
     realiser = Realiser(model, adapter, "compact")
     genes = genes_of(adapter.num_layers)

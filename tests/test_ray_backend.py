@@ -449,6 +449,10 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
     assert read(out, "final/architecture.json") == read(serial_dir, "final/architecture.json")
     # the teacher pass ran on the workers (blocks of search.batch_size sequences): the serial run's bytes
     assert read(out, "teacher/meta.json") == read(serial_dir, "teacher/meta.json")
+    # the supernets were built on the workers, one shard of the calibration sequences each
+    for it in (1, 2):
+        ledger = read(out, f"iter-{it}/supernet/build.json")
+        assert ledger["backend"] == "ray" and len(ledger["shards"]) == 2
     for it in (1, 2):
         got, want = read(out, f"iter-{it}/result.json"), read(serial_dir, f"iter-{it}/result.json")
         assert got["genome"] == want["genome"] and got["centres"] == want["centres"]
@@ -466,6 +470,41 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
 
 
 # -- Ray: fault tolerance ----------------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_mid_build_replays_its_shard_and_keeps_the_serial_units(
+    ray_run, reference, pool2, tmp_path, monkeypatch
+):
+    """The data-parallel build with a worker SIGKILLed at the capture of block 1: its replacement embeds its
+    shard and replays block 0 from the store; every gene keeps the serial build's units (tyr/cluster_build.py)."""
+    from tyr import pipeline
+    from tyr.cluster_build import RayShards, build_on_workers
+    from tyr.supernet.variant import Gene, genes_of
+
+    run_dir, cfg = ray_run
+    serial = SupernetStore.open(run_dir / "iter-1" / "supernet")
+    adapter = reference.session.adapter
+    plan = pipeline.build_plan(cfg, [serial.ladder(g) for g in genes_of(adapter.num_layers)])
+    capture = RayShards.capture
+
+    def arming(self, gene):
+        if gene == Gene(1, "attn"):
+            pool2.fault_path.touch()  # the next worker call SIGKILLs its actor
+        return capture(self, gene)
+
+    monkeypatch.setattr(RayShards, "capture", arming)
+    store = SupernetStore.create_or_resume(tmp_path / "supernet", serial.fingerprint)
+    failures = pool2.stats.failures
+    report = build_on_workers(
+        pool2, adapter, reference.session.calibration.shape[0], plan, store, progress=False
+    )
+    assert pool2.stats.failures == failures + 1 and not pool2.fault_path.exists()
+    assert report.genes_built == 2 * adapter.num_layers and len(report.ledger["shards"]) >= 1
+    for gene in genes_of(adapter.num_layers):
+        for level in serial.ladder(gene).levels:
+            a, b = serial.variant(gene, level), store.variant(gene, level)
+            assert torch.equal(a.kept, b.kept), (gene.name, level)
+            torch.testing.assert_close(b.weight.float(), a.weight.float(), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.slow

@@ -223,6 +223,7 @@ class _Worker:
         self.hidden = None
         self.evaluator = None
         self.supernet: tuple[str, str] | None = None
+        self.shards = None  # tyr.cluster_build.ShardHost: this worker's shards of a supernet build
         self.seconds_setup = 0.0
         self.device_name: str | None = None
 
@@ -323,6 +324,30 @@ class _Worker:
         session = self.session
         write_teacher_rows(session.model, session.calibration, session.cfg.search.topk, layout, start, stop)
         return stop - start
+
+    def build_step(self, call: dict) -> dict | None:
+        """One step of a data-parallel supernet build on one shard of the calibration sequences
+        (`tyr.cluster_build`)."""
+        self._build_host()
+        return self.shards.step(call)
+
+    def build_prune(self, gene: list, stats: dict, removed: list[int]) -> dict:
+        """Some levels of one gene pruned from the build's summed statistics (`tyr.cluster_build`)."""
+        self._build_host()
+        return self.shards.prune(gene, stats, removed)
+
+    def _build_host(self) -> None:
+        """Ready for a build step: the model loaded and dense (a search's candidate is undone first)."""
+        from tyr.cluster_build import ShardHost
+
+        self.setup(None, None)
+        self._maybe_fault()
+        self._maybe_hang()
+        if self.evaluator is not None:
+            self.evaluator.close()  # back to the dense model: a build prunes the dense weights
+            self.evaluator, self.supernet = None, None
+        if self.shards is None:
+            self.shards = ShardHost.for_session(self.session)
 
     def info(self) -> dict:
         import torch
@@ -499,6 +524,7 @@ class ActorPool:
         self.io = IOCounters()  # summed over the workers' completed calls
         self._closed = False
         self._last_error = ""
+        self._shard_holders: dict[int, int] = {}  # build shard -> the slot holding it (`on_shards`)
         self._started_ray = connect(address, verbose=verbose)
         try:
             self.num_gpus = resolve_gpus_per_worker(
@@ -719,20 +745,54 @@ class ActorPool:
         flight per worker), results in task order. Workers need only the model and the kept windows (no supernet).
         A task whose worker dies is re-run elsewhere (up to `max_retries` times); a hung worker is replaced after
         `call_timeout_s`; an error raised inside a task stops the map."""
+
+        def any_worker(_task: int, ready: list[_Slot]) -> _Slot | None:
+            return next((s for s in ready if s.in_flight < PIPELINE_DEPTH), None)
+
+        return self._run_tasks(method, tasks, any_worker)
+
+    def on_shards(self, method: str, calls: Sequence[tuple]) -> list:
+        """`worker.method(*calls[k])` on the worker holding shard k (worker k mod the pool's size at first; the
+        shard of a retired worker moves to the ready worker holding the fewest shards), results in shard order.
+        Calls must be self-contained: a replacement (or a new holder) rebuilds the shard before the step. A call
+        whose worker dies is re-run on its replacement, up to `max_retries` times."""
+
+        def holder(k: int, ready: list[_Slot]) -> _Slot | None:
+            slot = self.slots[self._shard_holders.setdefault(k, k % self.num_workers)]
+            if slot.retired and ready:
+                load = collections.Counter(self._shard_holders.values())
+                slot = min(ready, key=lambda s: (load[s.index], s.index))
+                logger.warning(f"ray: shard {k} moves to worker {slot.index} (its worker is retired)")
+                self._shard_holders[k] = slot.index
+            return slot if slot in ready else None
+
+        return self._run_tasks(method, calls, holder)
+
+    def put(self, value: Any) -> Any:
+        """`value` in the cluster's object store, once for every task that takes it (a reference to pass)."""
+        return _ray().put(value)
+
+    def _run_tasks(
+        self, method: str, tasks: Sequence[tuple], choose: Callable[[int, list[_Slot]], _Slot | None]
+    ) -> list:
+        """`worker.method(*tasks[i])` for every i on the worker `choose(i, ready workers)` names (None: not yet)."""
         if self._closed:
             raise TyrError("this Ray pool is closed")
         ray = _ray()
-        pending = collections.deque(range(len(tasks)))
+        pending = list(range(len(tasks)))
         failures = [0] * len(tasks)
         results: list = [None] * len(tasks)
 
         def dispatch(in_flight: dict) -> None:
-            for slot in self._ready_slots():
-                while pending and slot.in_flight < PIPELINE_DEPTH:
-                    i = pending.popleft()
-                    in_flight[getattr(slot.actor, method).remote(*tasks[i])] = (slot, slot.generation, i)
-                    slot.in_flight += 1
-                    slot.busy_since = slot.busy_since or time.monotonic()
+            ready = self._ready_slots()
+            for i in list(pending):
+                slot = choose(i, ready)
+                if slot is None:
+                    continue
+                pending.remove(i)
+                in_flight[getattr(slot.actor, method).remote(*tasks[i])] = (slot, slot.generation, i)
+                slot.in_flight += 1
+                slot.busy_since = slot.busy_since or time.monotonic()
 
         def on_done(ref, call: tuple[_Slot, int, int]) -> None:
             slot, generation, i = call
@@ -744,7 +804,7 @@ class ActorPool:
                 failures[i] += 1
                 if failures[i] > self.max_retries:
                     raise TyrError(f"{method} task {i} failed {failures[i]} times (last: {e})") from None
-                pending.appendleft(i)
+                pending.insert(0, i)
                 if generation == slot.generation:
                     self._replace_actor(slot, e)
                 return
@@ -1022,6 +1082,14 @@ class RayEvaluatorFactory:
             self.workers().map("teacher_rows", [(layout, start, stop) for start, stop in blocks])
 
         return fill
+
+    def build_supernet(
+        self, adapter: Any, num_sequences: int, plan: Any, store: Any, progress: bool = True
+    ) -> Any:
+        """The iteration's supernet built on the workers (`tyr.cluster_build`); a `BuildReport`."""
+        from tyr.cluster_build import build_on_workers
+
+        return build_on_workers(self.workers(), adapter, num_sequences, plan, store, progress)
 
     def close(self) -> None:
         if self.pool is not None:

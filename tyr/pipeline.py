@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -253,23 +254,30 @@ def build_iteration_supernet(
     iteration: int,
     force: bool = False,
     progress: bool = True,
+    workers: Any = None,
 ) -> tuple[SupernetStore, BuildReport]:
-    """Build (or resume) one iteration's supernet around per-gene `centres` (units removed)."""
+    """Build (or resume) one iteration's supernet around per-gene `centres` (units removed); on the run's Ray
+    workers (`tyr.cluster.RayEvaluatorFactory`) when given, else in this process."""
     steps = iteration_steps(session.adapter, session.cfg, iteration)
     ladders = plan_ladders(session.adapter, centres, steps, session.cfg.supernet.num_levels)
     ledger_path = build_ledger_path(directory)
     if not (Path(directory) / MANIFEST).is_file():  # a build from scratch: the store accepts only its files
         ledger_path.unlink(missing_ok=True)
     store = SupernetStore.create_or_resume(directory, supernet_fingerprint(session, ladders), force=force)
-    report = build_supernet(
-        session.model,
-        session.adapter,
-        session.calibration,
-        build_plan(session.cfg, ladders),
-        store,
-        progress=progress,
-        offload=build_offload(session.cfg, Path(directory), session.device),
-    )
+    plan = build_plan(session.cfg, ladders)
+    if workers is not None:
+        report = workers.build_supernet(session.adapter, session.calibration.shape[0], plan, store, progress)
+    else:
+        offload = build_offload(session.cfg, Path(directory), session.device)
+        report = build_supernet(
+            session.model,
+            session.adapter,
+            session.calibration,
+            plan,
+            store,
+            progress=progress,
+            offload=offload,
+        )
     num_sequences, seq_len = session.calibration.shape
     atomic_write_json(ledger_path, {"num_sequences": num_sequences, "seq_len": seq_len, **report.ledger})
     return store, report

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -118,7 +118,15 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
         best = None
         for iteration in range(1, num_iterations(session.cfg) + 1):
             result = run_iteration(
-                session, targets, run_dir, iteration, centres, make_evaluator, progress, make_validator
+                session,
+                targets,
+                run_dir,
+                iteration,
+                centres,
+                make_evaluator,
+                progress,
+                make_validator,
+                workers,
             )
             best = best_of(best, result)
             centres = best.centres
@@ -354,14 +362,16 @@ def run_iteration(
     make_evaluator: Callable[[SupernetStore], object],
     progress: bool = True,
     make_validator: Callable[[SupernetStore, object | None], Validator | None] | None = None,
+    workers: Any = None,
 ) -> IterationResult:
-    """Build the supernet around `centres` with this iteration's step, then let the method choose; with
-    validation, the result is the better of the method's choice and the start on the validation windows."""
+    """Build the supernet around `centres` with this iteration's step (on the run's Ray `workers` when given),
+    then let the method choose; with validation, the result is the better of the method's choice and the start
+    on the validation windows."""
     if run_dir.result_path(iteration).is_file():
         return _read_result(run_dir, iteration, session.adapter.num_layers)
     logger.info(f"iteration {iteration}: building the supernet")
     store, report = pipeline.build_iteration_supernet(
-        session, run_dir.supernet_dir(iteration), centres, iteration, progress=progress
+        session, run_dir.supernet_dir(iteration), centres, iteration, progress=progress, workers=workers
     )
     logger.info(
         f"iteration {iteration}: supernet ready ({report.genes_built} genes built, {report.genes_reused} reused, "
