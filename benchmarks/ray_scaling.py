@@ -88,7 +88,7 @@ ASSUMPTIONS = {
     "latency_s": "0.0005 each way (1 ms round trip: LAN; 0.6 ms measured locally, ray_throughput.json)",
     "driver_s": "0.0003 of driver time per call handed out (0.15-0.35 ms measured per no-op candidate)",
     "end_to_end": "teacher pass 10 min, supernet build 25 min each (4 builds, fp32 Hessians), final metrics "
-    "5 min on the driver; 200 generations at the simulated time per generation",
+    "5 min on one process; 200 generations at the simulated time per generation",
     "data_parallel_teacher": "each worker computes blocks of sequences and writes them into the targets file "
     "on the shared run directory: teacher / N plus a fixed 2 min (the driver's sha256 of the 192 GiB targets "
     "file at ~2 GB/s, which the serial pass also pays, and dispatch)",
@@ -98,7 +98,7 @@ ASSUMPTIONS = {
     "ceil(9 / G) / 9 of its time with G = min(N, 9) level groups; writes unchanged (driver); per gene the N "
     "shards' Hessians (fp32: 822 MB per MLP gene, 67 MB per attention gene) travel to the driver and the sum "
     "to the G pruning workers at 10 GB/s and are summed on the driver at 5 GB/s; every worker reads each gene's "
-    "variants (20 GiB per build, 2 GB/s, in parallel); final metrics stay on the driver",
+    "variants (20 GiB per build, 2 GB/s, in parallel); final metrics (5 min) on one worker, not split",
     "scenarios": "current: the costs above (what the code does today); resident (a projection of a later "
     "step, not implemented): variants resident on the GPU (8B supernet ~20 GiB) so a swap is a device copy, "
     "0.2 ms per gene, and teacher rows prefetched into pinned buffers by a background thread, 5 ms per "

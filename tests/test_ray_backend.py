@@ -32,6 +32,7 @@ from tyr.search.evolution import run_generation, sample_offspring
 from tyr.search.scheduling import WorkQueue, assign, genome_distance, home_blocks, unit_blocks
 from tyr.search.state import evolve, make_rng
 from tyr.supernet.store import SupernetStore
+from tyr.supernet.variant import Gene
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS_PER_WORKER = 0.5  # logical: a 1-worker and a 2-worker evaluator fit together in num_cpus=2
@@ -447,8 +448,14 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
         return json.loads((run / rel).read_text())
 
     assert read(out, "final/architecture.json") == read(serial_dir, "final/architecture.json")
-    # the teacher pass ran on the workers (blocks of search.batch_size sequences): the serial run's bytes
+    # the teacher passes ran on the workers (blocks of search.batch_size sequences): the serial run's bytes
     assert read(out, "teacher/meta.json") == read(serial_dir, "teacher/meta.json")
+    assert read(out, "teacher-validation/meta.json") == read(serial_dir, "teacher-validation/meta.json")
+    # the final metrics were measured on a worker: the serial run's numbers
+    got, want = read(out, "final/metrics.json"), read(serial_dir, "final/metrics.json")
+    for name in ("dense", "uniform", "searched"):
+        assert got[name]["ppl"] == pytest.approx(want[name]["ppl"], rel=1e-5), name
+        assert got[name]["kl"] == pytest.approx(want[name]["kl"], rel=1e-4, abs=1e-7), name
     # the supernets were built on the workers, one shard of the calibration sequences each
     for it in (1, 2):
         ledger = read(out, f"iter-{it}/supernet/build.json")
@@ -460,6 +467,8 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
             assert got["fitness"] is None
         else:
             assert got["fitness"] == pytest.approx(want["fitness"], rel=1e-6)  # serial ran with 2 threads
+        # validation KL scored on the workers (stacked rows N.., as the serial backend stacks them)
+        assert got["validation_kl"] == pytest.approx(want["validation_kl"], rel=1e-6)
         # every history line carries the generation's I/O, summed over the workers; no file is hashed
         # during a search in either backend (the build verified every file)
         for run in (out, serial_dir):
@@ -467,6 +476,43 @@ def test_whole_run_on_ray_gives_the_serial_architecture(ray_run, tiny_assets, tm
             assert ios and all(
                 io["num_variant_files_hashed"] == 0 and io["num_genes_swapped"] > 0 for io in ios
             )
+
+
+def test_a_cpu_driver_runs_on_ray_in_the_workers_dtype(ray_run, tiny_assets, tmp_path):
+    """backend.driver_device=cpu: the driver keeps the model in host RAM in the dtype GPU workers use (auto:
+    bfloat16) and ships it to the workers, so the supernets' fingerprint and the workers' weights agree."""
+    import json
+
+    from tyr.cli import main
+
+    out = tmp_path / "cpu-driver"
+    extra = (
+        "--workers",
+        "2",
+        "--set",
+        f"backend.num_cpus_per_worker={CPUS_PER_WORKER}",
+        "--set",
+        "backend.driver_device=cpu",
+    )
+    assert main(smoke_args(tiny_assets, out, *extra)) == 0
+    manifest = json.loads((out / "iter-1" / "supernet" / "manifest.json").read_text())
+    assert manifest["fingerprint"]["dtype"] == "torch.bfloat16"
+    variant = SupernetStore.open(out / "iter-1" / "supernet").variant(Gene(0, "mlp"), 0)
+    assert variant.weight.dtype == torch.bfloat16  # written in the driver's dtype from the workers' pruning
+    assert json.loads((out / "final" / "metrics.json").read_text())["searched"]["ppl"] > 0
+
+
+def test_driver_placement_is_the_gpu_workers_dtype_on_the_cpu():
+    from tyr.pipeline import driver_placement
+
+    cfg = resolve_config(None, ["backend.kind=ray", "backend.driver_device=cpu"])
+    assert driver_placement(cfg) == (torch.device("cpu"), torch.bfloat16)
+    cfg = resolve_config(None, ["backend.kind=ray", "backend.driver_device=cpu", "model.dtype=float32"])
+    assert driver_placement(cfg) == (torch.device("cpu"), torch.float32)
+    assert driver_placement(resolve_config(None, ["backend.kind=ray"])) is None
+    assert driver_placement(resolve_config(None, ["backend.driver_device=cpu"])) is None  # serial: no driver
+    with pytest.raises(TyrError, match="driver_device"):
+        resolve_config(None, ["backend.driver_device=gpu"])
 
 
 # -- Ray: fault tolerance ----------------------------------------------------------------------------------------
@@ -479,7 +525,7 @@ def test_a_worker_killed_mid_build_replays_its_shard_and_keeps_the_serial_units(
     shard and replays block 0 from the store; every gene keeps the serial build's units (tyr/cluster_build.py)."""
     from tyr import pipeline
     from tyr.cluster_build import RayShards, build_on_workers
-    from tyr.supernet.variant import Gene, genes_of
+    from tyr.supernet.variant import genes_of
 
     run_dir, cfg = ray_run
     serial = SupernetStore.open(run_dir / "iter-1" / "supernet")

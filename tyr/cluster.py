@@ -220,6 +220,7 @@ class _Worker:
         self.spec = spec
         self.session = None
         self.targets = None
+        self.tokens = None  # the evaluator's windows: calibration, then validation when the run has them
         self.hidden = None
         self.evaluator = None
         self.supernet: tuple[str, str] | None = None
@@ -260,8 +261,12 @@ class _Worker:
         self.seconds_setup = time.perf_counter() - t0
 
     def _open_targets(self) -> None:
-        """The run's teacher targets (and hidden states for kl+hidden), written by the driver's teacher phase."""
-        from tyr.evaluators.teacher import TeacherTargets
+        """The run's teacher targets (and hidden states for kl+hidden), written by the run's teacher phase; with
+        validation windows, their targets stacked after the calibration ones (rows N.., as the serial backend
+        stacks them), so validation KL is scored here too."""
+        import torch
+
+        from tyr.evaluators.teacher import StackedTargets, TeacherTargets
 
         cfg, run = self.session.cfg, RunDir(self.spec["run_dir"])
         targets = TeacherTargets.open(run.teacher_dir)
@@ -270,6 +275,13 @@ class _Worker:
                 f"teacher targets in {targets.directory} have k={targets.k} but search.topk={cfg.search.topk}"
             )
         targets.check_tokens(self.session.calibration)
+        self.tokens = self.session.calibration
+        if cfg.data.num_validation_sequences and (run.validation_teacher_dir / "meta.json").is_file():
+            validation = TeacherTargets.open(run.validation_teacher_dir)
+            tokens = self._kept_tokens("validation")
+            validation.check_tokens(tokens)
+            self.tokens = torch.cat([self.session.calibration, tokens])  # (N + V, seq_len)
+            targets = StackedTargets(targets, validation)
         self.targets = targets
         if cfg.search.fitness == "kl+hidden":
             from tyr.evaluators.hidden import TeacherHidden
@@ -282,27 +294,32 @@ class _Worker:
         if self.targets is None:
             self._open_targets()
         from tyr.run import search_evaluator
-        from tyr.supernet.store import SupernetStore
 
         if self.evaluator is not None:
             self.evaluator.close()  # back to dense before another supernet's variants are applied
             self.evaluator, self.supernet = None, None
+        store = self._open_store(supernet_dir, fingerprint_hash)
+        self.evaluator = search_evaluator(
+            self.session,
+            store,
+            self.targets,
+            self.tokens,
+            self.hidden,
+            # an auto cache assumes every worker of the pool shares this machine's memory
+            host_memory_share=0.5 / max(int(self.spec.get("num_workers", 1)), 1),
+        )
+        self.supernet = (supernet_dir, fingerprint_hash)
+
+    def _open_store(self, supernet_dir: str, fingerprint_hash: str):
+        from tyr.supernet.store import SupernetStore
+
         store = SupernetStore.open(supernet_dir, hash_files=False)  # the driver verified the files
         if store.fingerprint_hash != fingerprint_hash:
             raise TyrError(
                 f"the supernet at {supernet_dir} seen from host {socket.gethostname()} is not the driver's "
                 "(fingerprint differs): the run directory must be on storage shared by every node"
             )
-        self.evaluator = search_evaluator(
-            self.session,
-            store,
-            self.targets,
-            self.session.calibration,
-            self.hidden,
-            # an auto cache assumes every worker of the pool shares this machine's memory
-            host_memory_share=0.5 / max(int(self.spec.get("num_workers", 1)), 1),
-        )
-        self.supernet = (supernet_dir, fingerprint_hash)
+        return store
 
     def setup(self, supernet_dir: str | None, fingerprint_hash: str | None) -> dict:
         """Load the model and the run's kept calibration windows; open `supernet_dir` too unless None (the
@@ -313,17 +330,56 @@ class _Worker:
             self._use_supernet(supernet_dir, fingerprint_hash)
         return self.info()
 
-    def teacher_rows(self, layout: dict, start: int, stop: int) -> int:
-        """Teacher targets of calibration sequences [start, stop) (one forward), written into the driver's
-        targets file (`layout`, on the shared run directory). Returns the number of sequences written."""
+    def teacher_rows(self, layout: dict, start: int, stop: int, what: str = "calibration") -> int:
+        """Teacher targets of the run's kept `what` windows (calibration or validation) [start, stop) (one
+        forward), written into the driver's targets file (`layout`, on the shared run directory). Returns the
+        number of sequences written."""
         from tyr.evaluators.teacher import write_teacher_rows
 
-        self.setup(None, None)
+        self._dense_model()
         self._maybe_fault()
         self._maybe_hang()
         session = self.session
-        write_teacher_rows(session.model, session.calibration, session.cfg.search.topk, layout, start, stop)
+        tokens = session.calibration if what == "calibration" else self._kept_tokens(what)
+        write_teacher_rows(session.model, tokens, session.cfg.search.topk, layout, start, stop)
         return stop - start
+
+    def final_metrics(self, first: list, last: list, genome: list, eval_tokens: Any) -> dict:
+        """The run's final metrics (`tyr.run.measure`: dense, uniform from `first`, `genome` from `last`; each
+        (supernet_dir, fingerprint_hash)) on the held-out `eval_tokens`, on this worker's model."""
+        import dataclasses
+
+        import torch
+
+        from tyr.run import measure
+
+        self._dense_model()
+        self._maybe_fault()
+        self._maybe_hang()
+        stores = [self._open_store(*supernet) for supernet in (first, last)]
+        session = dataclasses.replace(self.session, eval_tokens=torch.as_tensor(eval_tokens))
+        return measure(session, *stores, tuple(int(v) for v in genome))
+
+    def _kept_tokens(self, what: str):
+        """The run's kept `what` windows (RUN/data/), which the driver wrote before asking for them."""
+        from tyr.data import load_tokens
+
+        cfg = self.session.cfg
+        rows = cfg.data.num_sequences if what == "calibration" else cfg.data.num_validation_sequences
+        tokens = load_tokens(RunDir(self.spec["run_dir"]).tokens_path(what), (rows, cfg.data.seq_len))
+        if tokens is None:
+            raise TyrError(
+                f"the run's {what} windows are not in {self.spec['run_dir']}/data (shared storage?)"
+            )
+        return tokens
+
+    def _dense_model(self) -> None:
+        """The model loaded and dense (a search's candidate is undone first): the teacher, a build and the
+        final metrics start from the dense weights."""
+        self.setup(None, None)
+        if self.evaluator is not None:
+            self.evaluator.close()
+            self.evaluator, self.supernet = None, None
 
     def build_step(self, call: dict) -> dict | None:
         """One step of a data-parallel supernet build on one shard of the calibration sequences
@@ -337,15 +393,12 @@ class _Worker:
         return self.shards.prune(gene, stats, removed)
 
     def _build_host(self) -> None:
-        """Ready for a build step: the model loaded and dense (a search's candidate is undone first)."""
+        """Ready for a build step: the model loaded and dense, this worker's shard host made."""
         from tyr.cluster_build import ShardHost
 
-        self.setup(None, None)
+        self._dense_model()
         self._maybe_fault()
         self._maybe_hang()
-        if self.evaluator is not None:
-            self.evaluator.close()  # back to the dense model: a build prunes the dense weights
-            self.evaluator, self.supernet = None, None
         if self.shards is None:
             self.shards = ShardHost.for_session(self.session)
 
@@ -915,10 +968,13 @@ class RayWorkerPool(ActorPool):
         num_threads: int | None = None,
         fault_file: str | None = None,
         hang_file: str | None = None,
+        model_dtype: Any = None,
         **pool_options: Any,
     ):
         """`pool_options`: `ActorPool`'s (address, num_gpus_per_worker, call_timeout_s, ...); `num_threads`: torch
-        threads per actor (default: int(num_cpus_per_worker)); `fault_file`/`hang_file`: test hooks."""
+        threads per actor (default: int(num_cpus_per_worker)); `model_dtype`: the driver's model dtype, which every
+        worker loads (the run's: it is in every supernet's fingerprint; None: model.dtype as each worker resolves
+        it); `fault_file`/`hang_file`: test hooks."""
         _check_pool_options(
             num_workers,
             num_cpus_per_worker,
@@ -932,8 +988,12 @@ class RayWorkerPool(ActorPool):
                 f"{self.run_dir} holds neither teacher targets nor kept windows: not a run directory"
             )
         self.num_threads = int(num_threads) if num_threads else max(1, int(num_cpus_per_worker))
+        config = _shippable_config(cfg)
+        if model_dtype is not None:
+            config["model"]["dtype"] = str(model_dtype).removeprefix("torch.")
+        config["backend"]["driver_device"] = "auto"  # the driver's setting: a worker loads on its own device
         spec = {
-            "config": _shippable_config(cfg),
+            "config": config,
             "run_dir": str(self.run_dir),
             "num_threads": self.num_threads,
             "num_workers": num_workers,
@@ -1075,13 +1135,24 @@ class RayEvaluatorFactory:
             self.pool = RayWorkerPool(self.cfg, self.run_dir, self.num_workers, **self.pool_options)
         return self.pool
 
-    def teacher_fill(self) -> Callable[[dict, list[tuple[int, int]]], None]:
-        """`compute_and_save_teacher_targets(fill=...)` on the workers: one task per block of sequences."""
+    def teacher_fill(self, what: str = "calibration") -> Callable[[dict, list[tuple[int, int]]], None]:
+        """`compute_and_save_teacher_targets(fill=...)` on the workers for the run's kept `what` windows: one
+        task per block of sequences."""
 
         def fill(layout: dict, blocks: list[tuple[int, int]]) -> None:
-            self.workers().map("teacher_rows", [(layout, start, stop) for start, stop in blocks])
+            self.workers().map("teacher_rows", [(layout, start, stop, what) for start, stop in blocks])
 
         return fill
+
+    def final_metrics(self, first: Any, last: Any, genome: Sequence[int], eval_tokens: Any) -> dict:
+        """`tyr.run.measure` on one worker: the supernets `first` and `last` (stores the driver verified)."""
+        call = (
+            [str(Path(first.directory).resolve()), first.fingerprint_hash],
+            [str(Path(last.directory).resolve()), last.fingerprint_hash],
+            [int(v) for v in genome],
+            eval_tokens.numpy(),
+        )
+        return self.workers().map("final_metrics", [call])[0]
 
     def build_supernet(
         self, adapter: Any, num_sequences: int, plan: Any, store: Any, progress: bool = True
@@ -1098,15 +1169,16 @@ class RayEvaluatorFactory:
 
 
 def ray_evaluator_factory(
-    cfg: RunConfig, run_dir: str | os.PathLike, verbose: bool = False
+    cfg: RunConfig, run_dir: str | os.PathLike, verbose: bool = False, model_dtype: Any = None
 ) -> RayEvaluatorFactory:
     """What `tyr.run` needs: a callable giving each iteration's evaluator, the actors (`cfg.backend`) loaded once
-    per run."""
+    per run, in the driver's `model_dtype` (a torch dtype; None: model.dtype as each worker resolves it)."""
     b = cfg.backend
     return RayEvaluatorFactory(
         cfg,
         run_dir,
         b.num_workers,
+        model_dtype=model_dtype,
         address=b.address,
         num_cpus_per_worker=b.num_cpus_per_worker,
         num_gpus_per_worker=b.num_gpus_per_worker,

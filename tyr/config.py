@@ -177,6 +177,11 @@ class BackendConfig:
     # How long an actor (a first one or a replacement) may take to be placed on a node and load the model
     # before it is given up: at the start the run stops with an error; mid-search the slot is retired.
     startup_timeout_s: float = 900.0
+    # Where `tyr run`'s driver loads the model: auto (model.device) or cpu. With Ray the workers run every
+    # forward pass (teacher passes, builds, search, final metrics), so `cpu` frees the driver's GPU; the model is
+    # then kept in host RAM in the dtype GPU workers use (model.dtype; auto: bfloat16), and the workers load the
+    # driver's dtype. (search.fitness=kl+hidden still computes its teacher hidden states on the driver.)
+    driver_device: Literal["auto", "cpu"] = "auto"
 
 
 @dataclass

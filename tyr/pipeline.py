@@ -64,14 +64,19 @@ class Session:
 
 
 def open_run(
-    cfg: RunConfig, run: RunDir, force: bool, progress: bool = True, with_eval: bool = True
+    cfg: RunConfig,
+    run: RunDir,
+    force: bool,
+    progress: bool = True,
+    with_eval: bool = True,
+    driver: bool = False,
 ) -> tuple[RunDir, Session]:
     """Open the locked `run` (`RunDir.lock()`) for `cfg` (new, resumed, or replaced with `force`) and load
     what the run works on.
 
     Checks come first and nothing is written before the model and the data have loaded: a typo in a path
     never costs an existing run. A RUN holding a different config is refused unless `force`, and `force`
-    replaces only a folder Tyr wrote.
+    replaces only a folder Tyr wrote. `driver`: this is `tyr run`'s driver (`backend.driver_device` applies).
     """
     identity = dump_yaml(cfg)
     model_path = Path(cfg.model.name).expanduser()
@@ -80,7 +85,9 @@ def open_run(
     saved = None
     if action == "resume":  # the windows this run first read, when it kept them (`keep_tokens`)
         saved = load_tokens(run.tokens_path("calibration"), (cfg.data.num_sequences, cfg.data.seq_len))
-    session = open_session(cfg, progress=progress, calibration=saved)
+    session = open_session(
+        cfg, progress=progress, calibration=saved, placement=driver_placement(cfg) if driver else None
+    )
     if with_eval:
         session.eval_tokens = held_out_tokens(cfg, session.tokenizer)
     run.open(identity, action)
@@ -112,17 +119,42 @@ def keep_tokens(run: RunDir, name: str, tokens: torch.Tensor) -> None:
         save_tokens(path, tokens)
 
 
-def open_session(cfg: RunConfig, progress: bool = True, calibration: torch.Tensor | None = None) -> Session:
+def driver_placement(cfg: RunConfig) -> tuple[torch.device, torch.dtype] | None:
+    """`tyr run`'s driver on Ray with `backend.driver_device: cpu`: the model in host RAM, in the dtype GPU
+    workers resolve (model.dtype; auto: bfloat16); None: model.device and model.dtype as usual."""
+    if cfg.backend.kind != "ray" or cfg.backend.driver_device != "cpu":
+        return None
+    if cfg.search.fitness == "kl+hidden":
+        logger.warning(
+            "backend.driver_device=cpu: the kl+hidden fitness's teacher hidden states are computed on the driver's "
+            "CPU (slow for large models)"
+        )
+    return torch.device("cpu"), resolve_dtype(cfg.model.dtype, torch.device("cuda"))
+
+
+def open_session(
+    cfg: RunConfig,
+    progress: bool = True,
+    calibration: torch.Tensor | None = None,
+    placement: tuple[torch.device, torch.dtype] | None = None,
+) -> Session:
     """Resolve and load model, tokenizer and calibration tokens (read from the data source, unless the
-    `calibration` windows are given: a run's kept ones); check them against the config."""
+    `calibration` windows are given: a run's kept ones); check them against the config. `placement`: (device,
+    dtype) instead of model.device and model.dtype (`driver_placement`)."""
     if not progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    if placement is not None:
+        device, dtype = placement
+    else:
+        device = resolve_device(cfg.model.device)
+        dtype = resolve_dtype(cfg.model.dtype, device)
     resolved = resolve_model(cfg.model.name)
-    model = load_model(resolved, dtype, device, placement=cfg.model.placement)
+    # an overridden placement (a CPU driver) keeps the weights in host RAM: model.placement is the workers'
+    model = load_model(
+        resolved, dtype, device, placement=cfg.model.placement if placement is None else "single"
+    )
     adapter = adapter_for(model)  # refuses unsupported families before any heavy work
     if cfg.model.num_layers is not None:
         _truncate_layers(model, cfg.model.num_layers)

@@ -95,7 +95,7 @@ def run(
 
 
 def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: bool) -> dict:
-    run_dir, session = pipeline.open_run(cfg, locked, force, progress)
+    run_dir, session = pipeline.open_run(cfg, locked, force, progress, driver=True)
     session.cfg, upgraded = resumed_config(session.cfg, session.identity)
     if upgraded:
         logger.warning(
@@ -109,7 +109,7 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
             pipeline.keep_tokens(run_dir, "calibration", session.calibration)
         targets = ensure_teacher_targets(session, run_dir.teacher_dir, progress, workers=workers)
         pipeline.keep_tokens(run_dir, "calibration", session.calibration)  # confirmed by the targets' hash
-        validation = validation_set(session, run_dir, progress)
+        validation = validation_set(session, run_dir, progress, workers)
         hidden = ensure_teacher_hidden(session, run_dir, progress)
         make_evaluator, make_validator = fitness_backend(
             session, targets, progress, validation, hidden, workers
@@ -130,10 +130,10 @@ def _run(cfg: RunConfig, locked: RunDir, force: bool, progress: bool, verbose: b
             )
             best = best_of(best, result)
             centres = best.centres
+        return finalise(session, run_dir, best, progress, workers)
     finally:
         if workers is not None:
             workers.close()
-    return finalise(session, run_dir, best, progress)
 
 
 def ray_workers(session: pipeline.Session, run_dir: RunDir, verbose: bool):
@@ -143,7 +143,8 @@ def ray_workers(session: pipeline.Session, run_dir: RunDir, verbose: bool):
         return None
     from tyr.cluster import ray_evaluator_factory
 
-    return ray_evaluator_factory(session.cfg, run_dir.path, verbose=verbose)
+    dtype = next(session.model.parameters()).dtype  # the run's (in every supernet's fingerprint)
+    return ray_evaluator_factory(session.cfg, run_dir.path, verbose=verbose, model_dtype=dtype)
 
 
 def _setting(cfg: RunConfig, key: str):
@@ -178,9 +179,9 @@ def fitness_backend(
     """(make_evaluator(store), make_validator(store, evaluator)): the serial evaluator, or the Ray `workers`'
     (`ray_workers`). make_validator gives None without validation windows.
 
-    Validation runs in this process: through the serial evaluator itself when it is given one (its model and
-    rows are the calibration windows followed by the validation windows, so both share one realised model),
-    else on a serial evaluator of its own (the Ray workers hold the calibration windows only).
+    Validation goes through the search's own backend: its model and rows are the calibration windows followed
+    by the validation windows (serial: this process's evaluator, or one of its own when it is given none; Ray:
+    the workers, which stack the same rows), so validation scores rows N.. of the same realised model.
     """
     num_calibration = session.calibration.shape[0]
     tokens, rows = session.calibration, targets
@@ -202,8 +203,15 @@ def fitness_backend(
         own.progress = False
         return Validator(own, Batch(tuple(range(num_validation))), store, owned=True)
 
+    def ray_validator(store: SupernetStore, evaluator: object | None = None) -> Validator | None:
+        if validation is None:
+            return None
+        batch = Batch(tuple(range(num_calibration, num_calibration + validation.tokens.shape[0])))
+        same = getattr(evaluator, "supernet_dir", None) == Path(store.directory).resolve()
+        return Validator(evaluator if same else workers(store.directory), batch, store, owned=False)
+
     if workers is not None:
-        return (lambda store: workers(store.directory)), make_validator
+        return (lambda store: workers(store.directory)), ray_validator
     return serial, make_validator
 
 
@@ -259,9 +267,11 @@ def ensure_teacher_hidden(session: pipeline.Session, run_dir: RunDir, progress: 
     )
 
 
-def validation_set(session: pipeline.Session, run_dir: RunDir, progress: bool) -> Validation | None:
-    """The validation windows (the next windows of the calibration draw) and their teacher targets; None when
-    `data.num_validation_sequences` is 0."""
+def validation_set(
+    session: pipeline.Session, run_dir: RunDir, progress: bool, workers: Any = None
+) -> Validation | None:
+    """The validation windows (the next windows of the calibration draw) and their teacher targets (on the Ray
+    `workers` when given); None when `data.num_validation_sequences` is 0."""
     data, cfg = session.cfg.data, session.cfg
     if data.num_validation_sequences == 0:
         return None
@@ -286,7 +296,11 @@ def validation_set(session: pipeline.Session, run_dir: RunDir, progress: bool) -
                 "the calibration windows read for validation differ from the run's (did the data source change "
                 "since the run started?); restore the data, or start a new run in another --out"
             )
-    targets = ensure_teacher_targets(session, run_dir.validation_teacher_dir, progress, tokens, "validation")
+    if workers is not None:  # the workers read the kept windows: keep them before they compute the rows
+        pipeline.keep_tokens(run_dir, "validation", tokens)
+    targets = ensure_teacher_targets(
+        session, run_dir.validation_teacher_dir, progress, tokens, "validation", workers
+    )
     pipeline.keep_tokens(run_dir, "validation", tokens)
     return Validation(tokens, targets)
 
@@ -305,8 +319,8 @@ def ensure_teacher_targets(
     the paper setting). Damaged targets (changed bytes, unreadable metadata) are recomputed, with a warning:
     they are derived data, and the same model and tokens give the same targets.
 
-    With Ray `workers` (the calibration set only) each worker computes blocks of `search.batch_size` sequences and
-    writes them into the targets file on the shared run directory: the same blocks, so the same bytes.
+    With Ray `workers` each worker computes blocks of `search.batch_size` sequences of the run's kept `what`
+    windows and writes them into the targets file on the shared run directory: the same blocks, so the same bytes.
     """
     tokens = session.calibration if tokens is None else tokens
     tokens_sha = sha256_tensor(tokens)
@@ -320,11 +334,7 @@ def ensure_teacher_targets(
             f"the {what} tokens differ from those the teacher targets in {directory} were computed on "
             "(did the data source change?); restore the data, or start a new run in another --out"
         )
-    where = (
-        f" on {session.cfg.backend.num_workers} Ray workers"
-        if workers is not None and what == "calibration"
-        else ""
-    )
+    where = f" on {session.cfg.backend.num_workers} Ray workers" if workers is not None else ""
     logger.info(
         f"teacher: top-{session.cfg.search.topk} logits of {tuple(tokens.shape)} {what} tokens{where}"
     )
@@ -336,7 +346,7 @@ def ensure_teacher_targets(
         batch_size=session.cfg.search.batch_size,
         meta={"tokens_sha256": tokens_sha},
         progress=progress,
-        fill=workers.teacher_fill() if workers is not None and what == "calibration" else None,
+        fill=workers.teacher_fill(what) if workers is not None else None,
     )
 
 
@@ -548,8 +558,11 @@ def evolution_config(cfg: RunConfig, num_generations: int, iteration: int = 1) -
     return evo
 
 
-def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult, progress: bool) -> dict:
-    """Record the chosen result, check the supernets it needs, measure dense / uniform / searched, write final/.
+def finalise(
+    session: pipeline.Session, run_dir: RunDir, result: IterationResult, progress: bool, workers: Any = None
+) -> dict:
+    """Record the chosen result, check the supernets it needs, measure dense / uniform / searched (on one of the
+    Ray `workers` when given), write final/.
 
     A finished run is measured again only when its held-out data changed (evaluation is not run identity).
     """
@@ -571,7 +584,10 @@ def finalise(session: pipeline.Session, run_dir: RunDir, result: IterationResult
     run_dir.write_selection(selection)  # first: export and eval find the final genome through it
     architecture = pipeline.architecture(session, last, selection.genome, session.cfg.sparsity)
     atomic_write_json(run_dir.architecture_path, architecture)
-    metrics = measure(session, first, last, selection.genome)
+    if workers is not None:
+        metrics = workers.final_metrics(first, last, selection.genome, session.eval_tokens)
+    else:
+        metrics = measure(session, first, last, selection.genome)
     metrics["evaluations"] = run_dir.evaluations(run_dir.finished_iterations())
     metrics["evaluation"] = evaluation
     metrics["achieved_sparsity"] = architecture["achieved_sparsity"]
