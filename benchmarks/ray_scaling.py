@@ -20,9 +20,9 @@ candidate in turn, each block's rows read once per call, no call overhead). Sear
 to the JSON), not a measurement: no GPU was used.
 (b) End-to-end 8B speed-up on N workers: teacher pass + 4 supernet builds + 200 generations + final metrics,
 with the teacher pass and the builds data-parallel on the N workers as this release runs them (tyr/cluster_build:
-forwards and Hessians sharded, a gene's levels pruned in groups over min(N, 9) workers, the shards' Hessians
-summed on the driver and shipped back to the pruning workers, the variants written by the driver and read by
-every worker), beside the previous release (builds serial on the driver) for comparison.
+forwards and Hessians sharded, the shards' Hessians added by a pairwise tree on the workers, a gene's levels
+pruned in groups over min(N, 9) workers which write their own files, every worker reading the variants), beside
+the previous release (builds serial on the driver) for comparison.
 (c) Validation: the same generations on a real local Ray with 8 actors that sleep what the simulation charges
 (time scale `--time-scale`), through the real `ActorPool`; the measured wall time must match the simulation,
 given the measured call round trip, within 10%.
@@ -94,10 +94,11 @@ ASSUMPTIONS = {
     "file at ~2 GB/s, which the serial pass also pays, and dispatch)",
     "data_parallel_build": "a serial 25-min build split as forwards (two passes over 4.2M tokens) 5 min, fp32 "
     "Hessians 17 min, fp64 pruning 2 min (30% the shared inverse, 70% the 9 levels' mask selection), variant "
-    "writes + sha256 on the driver 1 min. On N workers: (forwards + Hessians) / N; pruning 0.3 + 0.7 x "
-    "ceil(9 / G) / 9 of its time with G = min(N, 9) level groups; writes unchanged (driver); per gene the N "
-    "shards' Hessians (fp32: 822 MB per MLP gene, 67 MB per attention gene) travel to the driver and the sum "
-    "to the G pruning workers at 10 GB/s and are summed on the driver at 5 GB/s; every worker reads each gene's "
+    "writes + sha256 1 min. On N workers: (forwards + Hessians) / N; pruning 0.3 + 0.7 x ceil(9 / G) / 9 of "
+    "its time with G = min(N, 9) level groups; writes / G (each group writes its levels); per gene the "
+    "shards' Hessians (fp32: 822 MB per MLP gene, 67 MB per attention gene) are added by a pairwise tree, "
+    "ceil(log2 N) rounds of one transfer at 10 GB/s and one sum at 5 GB/s, and the sum goes from one node to "
+    "the G - 1 other pruning workers at 10 GB/s (no multi-source pulls assumed); every worker reads each gene's "
     "variants (20 GiB per build, 2 GB/s, in parallel); final metrics (5 min) on one worker, not split",
     "scenarios": "current: the costs above (what the code does today); resident (a projection of a later "
     "step, not implemented): variants resident on the GPU (8B supernet ~20 GiB) so a swap is a device copy, "
@@ -165,10 +166,14 @@ def build_minutes(n: int) -> float:
     pruning = b["pruning"] * (
         PRUNING_SHARED + (1 - PRUNING_SHARED) * math.ceil(len(LEVELS) / groups) / len(LEVELS)
     )
-    per_layer = sum((n + groups) * h / NETWORK_BPS + n * h / SUM_BPS for h in HESSIAN_BYTES.values())
+    rounds = math.ceil(math.log2(n))
+    per_layer = sum(
+        rounds * (h / NETWORK_BPS + h / SUM_BPS) + (groups - 1) * h / NETWORK_BPS
+        for h in HESSIAN_BYTES.values()
+    )
     reduce_min = NUM_LAYERS * per_layer / 60
     reads = VARIANT_BYTES / VARIANT_READ_BPS / 60
-    return (b["forwards"] + b["hessians"]) / n + pruning + b["writes"] + reduce_min + reads
+    return (b["forwards"] + b["hessians"]) / n + pruning + b["writes"] / groups + reduce_min + reads
 
 
 def paper_space() -> SearchSpace:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -148,16 +148,16 @@ def build_supernet(
 
 class Shards(Protocol):
     """Where a build's calibration sequences live: one `BuildShard` in this process (`LocalShards`), or one per
-    worker of a cluster (tyr/cluster.py). `drive_build` sees only these three steps."""
+    worker of a cluster (tyr/cluster_build.py). `drive_build` sees only these three steps."""
 
-    def capture(self, gene: Gene) -> InputStats:
-        """The gene's input statistics over every sequence (shards summed in a fixed order)."""
+    def capture(self, gene: Gene) -> Any:
+        """The gene's input statistics over every sequence (`InputStats`, or a handle to them on a cluster)."""
 
-    def prune(self, ladder: Ladder, stats: InputStats) -> tuple[list[LevelResult], list[float]]:
-        """Every level of the gene's ladder pruned from `stats`, and each level's reconstruction error."""
+    def prune(self, ladder: Ladder, stats: Any, store: SupernetStore) -> None:
+        """Prune every level of the gene's ladder from `stats` and write the gene into `store`."""
 
-    def propagate(self, ladder: Ladder, variants: Sequence[Variant]) -> None:
-        """Add the gene's expected output over `variants` to every sequence's hidden states."""
+    def propagate(self, ladder: Ladder, store: SupernetStore) -> None:
+        """Add the expected output of the gene's variants (in `store`) to every sequence's hidden states."""
 
 
 def drive_build(
@@ -168,7 +168,7 @@ def drive_build(
     progress: bool = True,
     ledger: DeviceLedger | None = None,
 ) -> BuildReport:
-    """The build's loop, gene by gene in block order: a finished gene is read back from the store, any other is
+    """The build's loop, gene by gene in block order: a finished gene is kept as the store has it, any other is
     captured, pruned and written; then its expected output is propagated (ALGORITHM §3-4)."""
     start = time.perf_counter()
     report = BuildReport()
@@ -183,17 +183,15 @@ def drive_build(
                 ledger.begin_gene(gene.name)
             reused = store.is_complete(gene) and store.verify_gene(gene)
             if reused:
-                variants = [store.variant(gene, level) for level in ladder.levels]
                 report.genes_reused += 1
             else:
                 stats = shards.capture(gene)
                 t0 = time.perf_counter()
-                results, errors = shards.prune(ladder, stats)
+                shards.prune(ladder, stats, store)
                 del stats  # the Hessian is the largest thing a gene holds: gone before the propagation
                 report.seconds_pruning += time.perf_counter() - t0
-                variants = _write_gene(adapter, ladder, results, errors, plan, store)
                 report.genes_built += 1
-            shards.propagate(ladder, variants)
+            shards.propagate(ladder, store)
             if ledger is not None:
                 ledger.end_gene(built=not reused)
     report.seconds = time.perf_counter() - start
@@ -285,21 +283,29 @@ class BuildShard:
 
 
 class LocalShards:
-    """`Shards` of a build in this process: one `BuildShard` holding every sequence; pruning on its device."""
+    """`Shards` of a build in this process: one `BuildShard` holding every sequence; pruning on its device. The
+    variants of the gene just written are propagated from memory (the store's bytes: no read back)."""
 
     def __init__(self, shard: BuildShard):
         self.shard = shard
+        self._written: tuple[Gene, list[Variant]] | None = None
 
     def capture(self, gene: Gene) -> InputStats:
         return self.shard.capture(gene)
 
-    def prune(self, ladder: Ladder, stats: InputStats) -> tuple[list[LevelResult], list[float]]:
+    def prune(self, ladder: Ladder, stats: InputStats, store: SupernetStore) -> None:
         s = self.shard
-        return prune_gene(
-            s.adapter, ladder.gene, stats, [ladder.removed(lv) for lv in ladder.levels], s.plan, s.ledger
-        )
+        removed = [ladder.removed(lv) for lv in ladder.levels]
+        results, errors = prune_gene(s.adapter, ladder.gene, stats, removed, s.plan, s.ledger)
+        self._written = (ladder.gene, write_gene(s.adapter, ladder, results, errors, s.plan, store))
 
-    def propagate(self, ladder: Ladder, variants: Sequence[Variant]) -> None:
+    def propagate(self, ladder: Ladder, store: SupernetStore) -> None:
+        gene = ladder.gene
+        written, self._written = self._written, None
+        if written is not None and written[0] == gene:
+            variants = written[1]
+        else:
+            variants = [store.variant(gene, level) for level in ladder.levels]
         self.shard.propagate(ladder, variants)
 
 
@@ -410,19 +416,17 @@ def prune_gene(
     return results, errors
 
 
-def _write_gene(
+def level_variants(
     adapter: ModelAdapter,
     ladder: Ladder,
+    levels: Sequence[int],
     results: Sequence[LevelResult],
-    errors: Sequence[float],
     plan: BuildPlan,
-    store: SupernetStore,
 ) -> list[Variant]:
-    """The gene's variants (on the CPU, in the storage dtype), written to the store."""
+    """Pruned `levels` of the gene as variants: on the CPU, in the storage dtype."""
     gene = ladder.gene
-    proj = adapter.output_proj(gene.layer, gene.kind)
-    dtype = plan.storage_dtype or proj.weight.dtype
-    variants = [
+    dtype = plan.storage_dtype or adapter.output_proj(gene.layer, gene.kind).weight.dtype
+    return [
         Variant(
             gene,
             level,
@@ -432,8 +436,22 @@ def _write_gene(
             key="",
             bias=None if r.bias is None else r.bias.to(device="cpu", dtype=dtype),
         )
-        for level, r in zip(ladder.levels, results, strict=True)
+        for level, r in zip(levels, results, strict=True)
     ]
+
+
+def write_gene(
+    adapter: ModelAdapter,
+    ladder: Ladder,
+    results: Sequence[LevelResult],
+    errors: Sequence[float],
+    plan: BuildPlan,
+    store: SupernetStore,
+) -> list[Variant]:
+    """The gene's variants written to the store (every level's file, then the gene's record)."""
+    gene = ladder.gene
+    proj = adapter.output_proj(gene.layer, gene.kind)
+    variants = level_variants(adapter, ladder, ladder.levels, results, plan)
     params = [variant_params(adapter, proj, v) for v in variants]
     store.write_gene(ladder, adapter.group_size(gene.kind), variants, params, list(errors))
     return variants

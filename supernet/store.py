@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,31 +244,29 @@ class SupernetStore:
         errors: list[float] | None = None,
     ) -> None:
         """Persist all levels of one gene, then its record, then the manifest's index (atomic, in that order)."""
-        levels = {}
         errors = errors if errors is not None else [None] * len(variants)
-        for variant, n_params, error in zip(variants, params, errors, strict=True):
-            rel = variant_path(ladder.gene, variant.level)
-            tensors = {"kept": variant.kept, "weight": variant.weight}
-            if variant.bias is not None:
-                tensors["bias"] = variant.bias
-            sha = atomic_write_tensors(
-                self.directory / rel,
-                tensors,
-                metadata={"gene": ladder.gene.name, "level": str(variant.level)},
-            )
-            size = (self.directory / rel).stat().st_size
-            self._hashed.add(rel)  # written (and hashed) by this store just now
-            self._sizes[rel] = size
-            levels[str(variant.level)] = {
-                "sparsity": variant.sparsity,
-                "kept": variant.kept.tolist(),
-                "params": int(n_params),
-                "file": rel,
-                "bytes": size,
-                "sha256": sha,
-            }
-            if error is not None:
-                levels[str(variant.level)]["error"] = float(error)
+        written = [
+            self.write_variant(variant, n_params, error)
+            for variant, n_params, error in zip(variants, params, errors, strict=True)
+        ]
+        self.record_gene(ladder, group_size, written)
+
+    def write_variant(self, variant: Variant, params: int, error: float | None = None) -> dict:
+        """`write_variant_file` into this supernet."""
+        return write_variant_file(self.directory, variant, params, error)
+
+    def record_gene(self, ladder: Ladder, group_size: int, written: Sequence[dict]) -> None:
+        """Record a gene whose level files are written (`write_variant`'s entries, in ladder order): its record,
+        then the manifest's index. The files count as verified (their writer hashed the bytes it wrote)."""
+        levels = {}
+        for entry in written:
+            entry = dict(entry)
+            level = entry.pop("level")
+            if entry["file"] != variant_path(ladder.gene, level):
+                raise TyrError(f"gene {ladder.gene.name} level {level}: unexpected file {entry['file']!r}")
+            self._hashed.add(entry["file"])
+            self._sizes[entry["file"]] = entry["bytes"]
+            levels[str(level)] = entry
         name = ladder.gene.name
         entry = {
             "layer": ladder.gene.layer,
@@ -456,6 +455,33 @@ class SupernetStore:
         while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= _nbytes(old)
+
+
+def write_variant_file(
+    directory: str | Path, variant: Variant, params: int, error: float | None = None
+) -> dict:
+    """Write one level's file into the supernet folder `directory` (atomically); its manifest entry, with its
+    `level`, for `SupernetStore.record_gene`. Any process may write a gene's files (a cluster's pruning workers
+    do); one process records the gene."""
+    rel = variant_path(variant.gene, variant.level)
+    tensors = {"kept": variant.kept, "weight": variant.weight}
+    if variant.bias is not None:
+        tensors["bias"] = variant.bias
+    metadata = {"gene": variant.gene.name, "level": str(variant.level)}
+    path = Path(directory) / rel
+    sha = atomic_write_tensors(path, tensors, metadata=metadata)
+    entry = {
+        "level": variant.level,
+        "sparsity": variant.sparsity,
+        "kept": variant.kept.tolist(),
+        "params": int(params),
+        "file": rel,
+        "bytes": path.stat().st_size,
+        "sha256": sha,
+    }
+    if error is not None:
+        entry["error"] = float(error)
+    return entry
 
 
 def available_host_memory() -> int | None:

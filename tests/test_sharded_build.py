@@ -15,7 +15,6 @@ import torch
 
 from tests.tiny import random_tokens, tiny_model
 from tyr.cluster_build import RayShards, ShardHost, level_groups, shard_bounds
-from tyr.supernet import builder
 from tyr.supernet.builder import BuildPlan, LocalShards, Offload, build_supernet, drive_build
 from tyr.supernet.families import adapter_for
 from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
@@ -27,9 +26,10 @@ NUM_SEQUENCES, BATCH = 6, 2  # three chunks: shards of 1+2 chunks (2 workers) or
 
 
 class InProcessPool:
-    """What `RayShards` needs of `tyr.cluster.ActorPool`, run in this process: shard k on worker k mod n, a
-    gene's level groups on workers 0, 1, ...; `replace_after` = {call number: worker}: that worker is replaced by
-    a fresh one (its shards lost) before the call, as the pool replaces a dead actor."""
+    """What `RayShards` needs of `tyr.cluster.ActorPool`, run in this process: shard k on worker k mod n, other
+    tasks on workers 0, 1, ... (method `build_x` is `ShardHost.x`, as `tyr.cluster._Worker` delegates it);
+    `replace_after` = {shard call number: worker}: that worker is replaced by a fresh one (its shards lost)
+    before the call, as the pool replaces a dead actor."""
 
     def __init__(self, make_host, num_workers: int, replace_after: dict[int, int] | None = None):
         self.make_host, self.num_workers = make_host, num_workers
@@ -37,19 +37,18 @@ class InProcessPool:
         self.replace_after = dict(replace_after or {})
         self.calls = 0
 
-    def on_shards(self, method: str, calls: list[tuple]) -> list:
-        assert method == "build_step"
+    def _run(self, host, method: str, args: tuple, keep: bool):
+        result = getattr(host, method.removeprefix("build_"))(*args)
+        return result[1] if keep else result  # keep: the large value (a reference, on Ray)
+
+    def on_shards(self, method: str, calls: list[tuple], keep: bool = False) -> list:
         self.calls += 1
         if self.calls in self.replace_after:
             self.hosts[self.replace_after[self.calls]] = self.make_host()
-        return [self.hosts[k % self.num_workers].step(*call) for k, call in enumerate(calls)]
+        return [self._run(self.hosts[k % self.num_workers], method, c, keep) for k, c in enumerate(calls)]
 
-    def map(self, method: str, tasks: list[tuple]) -> list:
-        assert method == "build_prune"
-        return [self.hosts[i % self.num_workers].prune(*task) for i, task in enumerate(tasks)]
-
-    def put(self, value):
-        return value
+    def map(self, method: str, tasks: list[tuple], keep: bool = False) -> list:
+        return [self._run(self.hosts[i % self.num_workers], method, t, keep) for i, t in enumerate(tasks)]
 
 
 def _plan(adapter) -> BuildPlan:
@@ -85,7 +84,7 @@ def _serial(directory: Path, setting, hessians: dict | None = None) -> SupernetS
 def _sharded(directory: Path, setting, pool: InProcessPool) -> SupernetStore:
     _, adapter, tokens, plan = setting
     store = SupernetStore.create_or_resume(directory, {"test": 1})
-    shards = RayShards(pool, store, tokens.shape[0], plan.batch_size)
+    shards = RayShards(pool, adapter, store, tokens.shape[0], plan.batch_size)
     with torch.inference_mode():
         drive_build(adapter, plan, store, shards, progress=False)
     shards.close()
@@ -120,10 +119,15 @@ def test_more_workers_sum_h_within_rounding_and_keep_the_same_units(
 
     def record(kind, capture):
         def wrapped(self, gene):
-            stats = capture(self, gene)
-            seen[kind].append(
-                (gene, stats.hessian.detach().cpu().clone(), stats.total.cpu().clone(), stats.count)
+            stats = capture(
+                self, gene
+            )  # serial: InputStats; sharded: the tree's sum (arrays, on Ray a reference)
+            h, total, count = (
+                (stats.hessian, stats.total, stats.count)
+                if kind == "serial"
+                else (torch.as_tensor(stats["hessian"]), torch.as_tensor(stats["total"]), stats["count"])
             )
+            seen[kind].append((gene, h.detach().cpu().clone(), total.cpu().clone(), count))
             return stats
 
         return wrapped
@@ -161,18 +165,17 @@ def test_a_worker_replaced_mid_build_rebuilds_its_shard_with_the_same_result(tmp
 def test_a_resumed_sharded_build_gives_the_uninterrupted_bytes(tmp_path, setting, monkeypatch):
     _sharded(tmp_path / "uninterrupted", setting, InProcessPool(_host(setting), 2))
     directory = tmp_path / "resumed"
-    write = builder._write_gene
-    written = []
+    record = SupernetStore.record_gene
+    recorded = []
 
-    def dying(*args, **kwargs):
-        if len(written) == 3:
-            raise KeyboardInterrupt  # the driver stops after three genes
-        written.append(write(*args, **kwargs))
-        return written[-1]
+    def dying(store, *args, **kwargs):
+        if len(recorded) == 3:
+            raise KeyboardInterrupt  # the driver stops after recording three genes (the 4th's files written)
+        recorded.append(record(store, *args, **kwargs))
 
-    monkeypatch.setattr(builder, "_write_gene", dying)
+    monkeypatch.setattr(SupernetStore, "record_gene", dying)
     with pytest.raises(KeyboardInterrupt):
         _sharded(directory, setting, InProcessPool(_host(setting), 2))
-    monkeypatch.setattr(builder, "_write_gene", write)
+    monkeypatch.setattr(SupernetStore, "record_gene", record)
     _sharded(directory, setting, InProcessPool(_host(setting), 2))  # fresh workers: the first 3 genes reused
     assert _same_files(tmp_path / "uninterrupted", directory)

@@ -387,10 +387,23 @@ class _Worker:
         self._build_host()
         return self.shards.step(call)
 
-    def build_prune(self, gene: list, stats: dict, removed: list[int]) -> dict:
-        """Some levels of one gene pruned from the build's summed statistics (`tyr.cluster_build`)."""
+    def build_capture(self, call: dict) -> tuple[int, dict]:
+        """A shard's partial statistics of one gene (two values: `ActorPool.map(keep=True)`)."""
         self._build_host()
-        return self.shards.prune(gene, stats, removed)
+        return self.shards.capture(call)
+
+    def build_combine(self, first: dict, second: dict) -> tuple[int, dict]:
+        """The sum of two partial statistics (two values: `ActorPool.map(keep=True)`)."""
+        from tyr.cluster_build import ShardHost
+
+        self._maybe_fault()
+        self._maybe_hang()
+        return ShardHost.combine(first, second)
+
+    def build_prune(self, call: dict, stats: dict) -> list[dict]:
+        """Some levels of one gene pruned from the build's summed statistics and written (`tyr.cluster_build`)."""
+        self._build_host()
+        return self.shards.prune(call, stats)
 
     def _build_host(self) -> None:
         """Ready for a build step: the model loaded and dense, this worker's shard host made."""
@@ -793,18 +806,22 @@ class ActorPool:
         self.stats.seconds += time.perf_counter() - t0
         return queue.results(positions)
 
-    def map(self, method: str, tasks: Sequence[tuple]) -> list:
+    def map(self, method: str, tasks: Sequence[tuple], keep: bool = False) -> list:
         """`worker.method(*task)` for every task, spread over the workers (at most `PIPELINE_DEPTH` calls in
         flight per worker), results in task order. Workers need only the model and the kept windows (no supernet).
         A task whose worker dies is re-run elsewhere (up to `max_retries` times); a hung worker is replaced after
-        `call_timeout_s`; an error raised inside a task stops the map."""
+        `call_timeout_s`; an error raised inside a task stops the map.
+
+        `keep`: the method returns two values, a small one the driver fetches (to know the task succeeded) and a
+        large one left in the cluster's object store: the results are references to the large ones, which other
+        tasks take as arguments (Ray moves the data between the workers' nodes, never through the driver)."""
 
         def any_worker(_task: int, ready: list[_Slot]) -> _Slot | None:
             return next((s for s in ready if s.in_flight < PIPELINE_DEPTH), None)
 
-        return self._run_tasks(method, tasks, any_worker)
+        return self._run_tasks(method, tasks, any_worker, keep)
 
-    def on_shards(self, method: str, calls: Sequence[tuple]) -> list:
+    def on_shards(self, method: str, calls: Sequence[tuple], keep: bool = False) -> list:
         """`worker.method(*calls[k])` on the worker holding shard k (worker k mod the pool's size at first; the
         shard of a retired worker moves to the ready worker holding the fewest shards), results in shard order.
         Calls must be self-contained: a replacement (or a new holder) rebuilds the shard before the step. A call
@@ -819,22 +836,24 @@ class ActorPool:
                 self._shard_holders[k] = slot.index
             return slot if slot in ready else None
 
-        return self._run_tasks(method, calls, holder)
-
-    def put(self, value: Any) -> Any:
-        """`value` in the cluster's object store, once for every task that takes it (a reference to pass)."""
-        return _ray().put(value)
+        return self._run_tasks(method, calls, holder, keep)
 
     def _run_tasks(
-        self, method: str, tasks: Sequence[tuple], choose: Callable[[int, list[_Slot]], _Slot | None]
+        self,
+        method: str,
+        tasks: Sequence[tuple],
+        choose: Callable[[int, list[_Slot]], _Slot | None],
+        keep: bool = False,
     ) -> list:
-        """`worker.method(*tasks[i])` for every i on the worker `choose(i, ready workers)` names (None: not yet)."""
+        """`worker.method(*tasks[i])` for every i on the worker `choose(i, ready workers)` names (None: not yet);
+        `keep` as in `map`."""
         if self._closed:
             raise TyrError("this Ray pool is closed")
         ray = _ray()
         pending = list(range(len(tasks)))
         failures = [0] * len(tasks)
         results: list = [None] * len(tasks)
+        kept: dict[int, Any] = {}  # keep: task -> the reference to its large value
 
         def dispatch(in_flight: dict) -> None:
             ready = self._ready_slots()
@@ -843,14 +862,20 @@ class ActorPool:
                 if slot is None:
                     continue
                 pending.remove(i)
-                in_flight[getattr(slot.actor, method).remote(*tasks[i])] = (slot, slot.generation, i)
+                call = getattr(slot.actor, method)
+                if keep:
+                    status, kept[i] = call.options(num_returns=2).remote(*tasks[i])
+                else:
+                    status = call.remote(*tasks[i])
+                in_flight[status] = (slot, slot.generation, i)
                 slot.in_flight += 1
                 slot.busy_since = slot.busy_since or time.monotonic()
 
         def on_done(ref, call: tuple[_Slot, int, int]) -> None:
             slot, generation, i = call
             try:
-                results[i] = ray.get(ref)
+                value = ray.get(ref)  # with keep, the small value: it raises when the task failed
+                results[i] = kept.pop(i) if keep else value
             except ray.exceptions.RayTaskError as e:
                 raise self._task_error(slot, e) from None
             except _crash_errors() as e:

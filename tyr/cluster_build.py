@@ -6,14 +6,16 @@ sequences (so every chunk is the serial build's chunk); worker k holds shard k's
 runs the same three steps as the serial build, here spread over the workers:
 
 1. capture: every worker computes its shard's input statistics (H = Σ XᵀX in float32, Σ X in float64, the token
-   count); the driver adds them in shard order. One worker gives the serial build's bits; more workers give H
-   within float32 rounding of it (the chunks' sums are grouped differently), tested within rtol 1e-6.
+   count), which stay in the cluster's object store; the workers add them by a fixed pairwise tree (round by
+   round (0+1), (2+3), ...: log2 of the shards' rounds, each worker sending at most one partial per round, and
+   the same grouping for a given number of shards). One worker gives the serial build's bits; more workers give
+   H within float32 rounding of it (the chunks' sums are grouped differently), tested within rtol 1e-6.
 2. prune: the gene's levels are independent given H, so they are split over the workers (level i to group
-   i mod G) and each group is pruned on a worker's device; the driver writes the variants to the store.
-3. propagate: every worker reads the gene's variants from the store (on storage shared by every node) and adds
-   their expected output to its shard.
+   i mod G), which fetch the sum, prune on their devices and write their levels' files into the store (on
+   storage shared by every node); the driver then records the gene (its record and the manifest: one writer).
+3. propagate: every worker reads the gene's variants from the store and adds their expected output to its shard.
 
-The driver holds no model tensors on a device: H and the variants pass through its host memory only.
+The driver holds no model tensors, no Hessian and no variant: per gene only manifest entries reach it.
 
 Every step is self-contained: it names the shard, its sequences and how many genes the driver has propagated
 before it. A worker that lacks the shard (a replacement for a dead or hung worker, or a worker taking over the
@@ -34,12 +36,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tyr.supernet.builder import BuildPlan, BuildReport, BuildShard, Offload, drive_build, prune_gene
-from tyr.supernet.criteria import InputStats, LevelResult
+from tyr.supernet.builder import (
+    BuildPlan,
+    BuildReport,
+    BuildShard,
+    Offload,
+    drive_build,
+    level_variants,
+    prune_gene,
+    variant_params,
+)
+from tyr.supernet.criteria import InputStats
 from tyr.supernet.ladder import Ladder
 from tyr.supernet.ledger import DeviceLedger
-from tyr.supernet.store import SupernetStore
-from tyr.supernet.variant import Gene, Variant, genes_of
+from tyr.supernet.store import SupernetStore, write_variant_file
+from tyr.supernet.variant import Gene, genes_of
 
 if TYPE_CHECKING:
     from tyr.cluster import ActorPool
@@ -113,38 +124,64 @@ class ShardHost:
         )
 
     def step(self, call: dict) -> dict | None:
-        """One build step on one shard (see the module docstring): capture, propagate or close."""
+        """One build step on one shard (see the module docstring): propagate or close."""
         if call["op"] == "close":
             return self._close(call)
+        if call["op"] != "propagate":
+            raise ValueError(f"unknown build step {call['op']!r}")
+        with torch.inference_mode():
+            held = self._shard(call)
+            self._propagate_stored(held, SupernetStore.reader(*held.supernet), Gene(*call["gene"]))
+        return None
+
+    def capture(self, call: dict) -> tuple[int, dict]:
+        """The shard's partial statistics of the call's gene: (token count, {hessian, total} as arrays). Two
+        values, so the driver can check the call without fetching the arrays (they go to `combine`)."""
         with torch.inference_mode():
             held = self._shard(call)
             gene = Gene(*call["gene"])
-            if call["op"] == "capture":
-                held.ledger.begin_gene(gene.name)
-                held.captured = gene
-                stats = held.shard.capture(gene)
-                return {
-                    "hessian": stats.hessian.cpu().numpy(),
-                    "total": stats.total.cpu().numpy(),
-                    "count": stats.count,
-                }
-            if call["op"] != "propagate":
-                raise ValueError(f"unknown build step {call['op']!r}")
-            self._propagate_stored(held, SupernetStore.reader(*held.supernet), gene)
-            return None
+            held.ledger.begin_gene(gene.name)
+            held.captured = gene
+            stats = held.shard.capture(gene)
+        payload = {
+            "hessian": stats.hessian.cpu().numpy(),
+            "total": stats.total.cpu().numpy(),
+            "count": stats.count,
+        }
+        return stats.count, payload
 
-    def prune(self, gene: list, stats: dict, removed: list[int]) -> dict:
-        """Levels of one gene pruned from the driver's summed statistics, on this worker's device."""
-        gene = Gene(*gene)
-        device = self.adapter.output_proj(gene.layer, gene.kind).weight.device
+    @staticmethod
+    def combine(first: dict, second: dict) -> tuple[int, dict]:
+        """The sum of two partial statistics (`first` + `second`, elementwise, in that order)."""
+        payload = {
+            "hessian": np.add(first["hessian"], second["hessian"]),
+            "total": np.add(first["total"], second["total"]),
+            "count": int(first["count"]) + int(second["count"]),
+        }
+        return payload["count"], payload
+
+    def prune(self, call: dict, stats: dict) -> list[dict]:
+        """The call's levels of one gene pruned from the summed statistics on this worker's device, their files
+        written into the supernet being built; their manifest entries (`SupernetStore.record_gene`)."""
+        gene = Gene(*call["gene"])
+        ladder = Ladder(gene, *call["ladder"])
+        levels = [int(lv) for lv in call["levels"]]
+        proj = self.adapter.output_proj(gene.layer, gene.kind)
+        device = proj.weight.device
         input_stats = InputStats(
             torch.tensor(stats["hessian"], device=device),
             torch.tensor(stats["total"], device=device),
             int(stats["count"]),
         )
+        removed = [ladder.removed(level) for level in levels]
         with torch.inference_mode():
             results, errors = prune_gene(self.adapter, gene, input_stats, removed, self.plan)
-        return {"results": [_result_to_numpy(r) for r in results], "errors": errors}
+        del input_stats
+        variants = level_variants(self.adapter, ladder, levels, results, self.plan)
+        return [
+            write_variant_file(call["supernet_dir"], v, variant_params(self.adapter, proj, v), error)
+            for v, error in zip(variants, errors, strict=True)
+        ]
 
     def _shard(self, call: dict) -> _HeldShard:
         """The call's shard, built (and brought up to the driver's gene) if this worker lacks it."""
@@ -209,22 +246,17 @@ def shard_offload(cfg: Any, device: torch.device) -> Offload:
     return Offload("disk", base / f"tyr-shard-{uuid.uuid4().hex[:12]}")
 
 
-def _result_to_numpy(r: LevelResult) -> tuple:
-    return (
-        r.kept.cpu().numpy(),
-        r.weight.cpu().numpy(),
-        None if r.bias is None else r.bias.cpu().numpy(),
-    )
-
-
 # -- the driver side -------------------------------------------------------------------------------------------
 
 
 class RayShards:
     """`supernet.builder.Shards` on the pool's workers (see the module docstring)."""
 
-    def __init__(self, pool: ActorPool, store: SupernetStore, num_sequences: int, batch_size: int):
+    def __init__(
+        self, pool: ActorPool, adapter: Any, store: SupernetStore, num_sequences: int, batch_size: int
+    ):
         self.pool = pool
+        self.group_size = lambda gene: adapter.group_size(gene.kind)
         self.bounds = shard_bounds(num_sequences, batch_size, pool.num_workers)
         self.base = {
             "supernet_dir": str(Path(store.directory).resolve()),
@@ -232,7 +264,7 @@ class RayShards:
         }
         self.done = 0  # genes every shard has propagated
 
-    def _steps(self, op: str, gene: Gene | None = None) -> list:
+    def _steps(self, method: str, op: str, gene: Gene | None = None, keep: bool = False) -> list:
         calls = [
             (
                 {
@@ -246,45 +278,45 @@ class RayShards:
             )
             for k, bounds in enumerate(self.bounds)
         ]
-        return self.pool.on_shards("build_step", calls)
+        return self.pool.on_shards(method, calls, keep=keep)
 
-    def capture(self, gene: Gene) -> InputStats:
-        hessian = total = None
-        count = 0
-        for part in self._steps("capture", gene):  # in shard order: a fixed summation order
-            if hessian is None:
-                hessian, total = np.array(part["hessian"]), np.array(part["total"])  # writable copies
-            else:
-                np.add(hessian, part["hessian"], out=hessian)
-                np.add(total, part["total"], out=total)
-            count += int(part["count"])
-        return InputStats(torch.from_numpy(hessian), torch.from_numpy(total), count)
+    def capture(self, gene: Gene) -> Any:
+        """The gene's statistics summed over the shards by a fixed pairwise tree on the workers: round by round,
+        neighbours (0+1), (2+3), ... are added, an odd last one passed on; the sum stays in the cluster's object
+        store (a reference: the driver never holds a Hessian)."""
+        parts = self._steps("build_capture", "capture", gene, keep=True)
+        while len(parts) > 1:
+            pairs = [(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+            parts = self.pool.map("build_combine", pairs, keep=True) + parts[len(pairs) * 2 :]
+        return parts[0]
 
-    def prune(self, ladder: Ladder, stats: InputStats) -> tuple[list[LevelResult], list[float]]:
-        removed = [ladder.removed(level) for level in ladder.levels]
-        shipped = self.pool.put(
-            {"hessian": stats.hessian.numpy(), "total": stats.total.numpy(), "count": stats.count}
-        )
-        groups = level_groups(len(removed), self.pool.num_workers)
-        gene = [ladder.gene.layer, ladder.gene.kind]
-        parts = self.pool.map("build_prune", [(gene, shipped, [removed[i] for i in g]) for g in groups])
-        results: list = [None] * len(removed)
-        errors: list = [None] * len(removed)
-        for group, part in zip(groups, parts, strict=True):
-            for i, (kept, weight, bias), error in zip(group, part["results"], part["errors"], strict=True):
-                results[i] = LevelResult(
-                    torch.tensor(kept), torch.tensor(weight), None if bias is None else torch.tensor(bias)
-                )
-                errors[i] = error
-        return results, errors
+    def prune(self, ladder: Ladder, stats: Any, store: SupernetStore) -> None:
+        """The gene's levels pruned in groups on the workers, which write their files; the driver records it."""
+        groups = level_groups(len(ladder.levels), self.pool.num_workers)
+        gene = ladder.gene
+        shape = [ladder.num_units, ladder.centre_removed, ladder.step, list(ladder.levels)]
+        calls = [
+            (
+                {
+                    **self.base,
+                    "gene": [gene.layer, gene.kind],
+                    "ladder": shape,
+                    "levels": [ladder.levels[i] for i in group],
+                },
+                stats,
+            )
+            for group in groups
+        ]
+        entries = {entry["level"]: entry for part in self.pool.map("build_prune", calls) for entry in part}
+        store.record_gene(ladder, self.group_size(gene), [entries[level] for level in ladder.levels])
 
-    def propagate(self, ladder: Ladder, variants: list[Variant]) -> None:
-        self._steps("propagate", ladder.gene)  # the workers read the variants from the store
+    def propagate(self, ladder: Ladder, store: SupernetStore) -> None:
+        self._steps("build_step", "propagate", ladder.gene)  # the workers read the variants from the store
         self.done += 1
 
     def close(self) -> list[dict]:
         """Free the workers' shards; their device ledgers (shards a replacement never rebuilt are left out)."""
-        return [ledger for ledger in self._steps("close") if ledger is not None]
+        return [ledger for ledger in self._steps("build_step", "close") if ledger is not None]
 
 
 def build_on_workers(
@@ -296,7 +328,7 @@ def build_on_workers(
     progress: bool = True,
 ) -> BuildReport:
     """Build (or finish building) the supernet into `store` on the pool's workers (`supernet.builder`'s loop)."""
-    shards = RayShards(pool, store, num_sequences, plan.batch_size)
+    shards = RayShards(pool, adapter, store, num_sequences, plan.batch_size)
     logger.info(
         f"supernet: data-parallel build over {len(shards.bounds)} worker shard(s) of "
         f"{', '.join(f'{b - a}' for a, b in shards.bounds)} sequences"

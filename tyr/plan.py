@@ -445,8 +445,8 @@ def build_phase(ctx: _Context) -> Phase:
         p.notes.append(
             f"backend ray: the figures are one process's (a serial build); on Ray the build runs on the {w} "
             f"workers (docs/ray.md), each holding ~1/{w} of the hidden states ({hidden_all / w / GIB:.1f} GiB) "
-            f"and doing ~1/{w} of the forwards and Hessians, while the driver sums {w} partial Hessians per gene "
-            f"({w * mlp_in**2 * 4 / GIB:.1f} GiB of host RAM for an MLP gene)"
+            f"and doing ~1/{w} of the forwards and Hessians; the workers add their partial Hessians pairwise "
+            f"(a worker holds up to two: {2 * mlp_in**2 * 4 / GIB:.1f} GiB of host RAM for an MLP gene)"
         )
     return p
 
