@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -41,7 +42,7 @@ from tyr.search.scheduling import Block, nearest_chain, unit_blocks
 from tyr.search.space import Genome
 from tyr.supernet.families import ModelAdapter
 from tyr.supernet.realise import Realiser
-from tyr.supernet.store import SupernetStore, resolve_cache_bytes
+from tyr.supernet.store import SupernetStore, resolve_cache_bytes, resolve_device_cache_bytes
 from tyr.supernet.variant import Variant, genes_of
 
 
@@ -52,6 +53,11 @@ class SerialEvaluator:
         variant_cache_bytes: the store's variant cache for the search; None = auto (the whole supernet when it
             fits in `host_memory_share` of the available host memory, else an LRU of that share).
         host_memory_share: the share of available host memory an auto cache may take.
+        variant_device_bytes: bytes of cached variants kept on the model's GPU (a swap is then a copy on the
+            device); None = auto: the whole supernet when it fits in 40% of the free device memory, else none.
+            Nothing on a CPU or a model spread over several devices. Values do not change.
+        prefetch_rows: read each call's teacher rows on a reader thread, ahead of the forwards that use them
+            (the same values and byte counts as reading them on demand).
         prefix_cache_bytes: budget of `tyr.search.prefix.PrefixCache` for `evaluate` (0: off): each call records
             a reference genome's decoder-block outputs and runs the other candidates from their first changed
             block. Values are bit-identical either way.
@@ -76,6 +82,8 @@ class SerialEvaluator:
         prefix_cache_bytes: int = 0,
         hidden: TeacherHidden | None = None,
         hidden_weight: float = 0.0,
+        prefetch_rows: bool = True,
+        variant_device_bytes: int | None = None,
     ):
         self.model = model
         self.store = store
@@ -87,6 +95,7 @@ class SerialEvaluator:
         self.num_evaluations = 0
         self.progress = progress
         self.variant_cache_bytes = variant_cache_bytes
+        self.variant_device_bytes = variant_device_bytes
         self.host_memory_share = host_memory_share
         self.tail: Genome | None = None  # the genome the model holds (None: dense or unknown)
         # the realised variant per gene (one genome's variants stay referenced, even beyond an LRU's bytes)
@@ -94,6 +103,11 @@ class SerialEvaluator:
         self._levels: list[int | None] = [None] * len(self.genes)
         self._rows_key: tuple | None = None  # the batch whose rows `_rows` holds: (sequences, positions)
         self._rows: dict[Block, tuple] = {}  # block -> (values, indices, hidden states or None)
+        # One reader thread: every host read of teacher rows goes through it (so counters never race), ahead of
+        # the forwards when the blocks to come are known (`prefetch_rows`).
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="tyr-rows") if prefetch_rows else None
+        self._reads: dict[tuple, Future] = {}  # (batch key, block) -> its host rows being read
+        self.rows_prefetched = 0  # blocks whose rows were read ahead of their first use
         self._prepared = False
         self.hidden, self.hidden_weight = hidden, float(hidden_weight)
         self._base = self._totals()
@@ -139,8 +153,12 @@ class SerialEvaluator:
         if self._prepared:
             return
         share = self.host_memory_share
-        self.store.set_cache_bytes(
-            resolve_cache_bytes(self.variant_cache_bytes, self.store.total_bytes(), share)
+        total = self.store.total_bytes()
+        self.store.set_cache_bytes(resolve_cache_bytes(self.variant_cache_bytes, total, share))
+        devices = {p.device for p in self.model.parameters()}
+        device = next(iter(devices)) if len(devices) == 1 else None
+        self.store.set_device_cache(
+            device, resolve_device_cache_bytes(self.variant_device_bytes, total, device)
         )
         if self.store.hash_files:
             self.store.verify(keep=True)
@@ -171,6 +189,7 @@ class SerialEvaluator:
             reference = choose_reference(genomes)
             order = [reference, *(i for i in order if i != reference)]
             self.prefix.reset(genomes[reference], (batch.sequences, positions))
+        self.prefetch_rows(batch, blocks)
         scores: list[float] = [math.nan] * len(genomes)
         desc = f"candidates x {len(batch.sequences)} seqs"
         for i in tqdm(order, desc=desc, leave=False, disable=not self.progress):
@@ -236,30 +255,61 @@ class SerialEvaluator:
             raise TyrError("this evaluator has no teacher targets: it can only apply genomes")
         self._prepare()
 
+    def prefetch_rows(self, batch: Batch, blocks: Sequence[Block]) -> None:
+        """Start reading the teacher rows of `blocks` of `batch` (in that order) on the reader thread, so the
+        reads overlap the forwards of the blocks before them; the values are the same as read on demand."""
+        if self._reader is None or self.targets is None:
+            return
+        batch = as_batch(batch)
+        key = (batch.sequences, batch.positions(self.targets.seq_len))
+        for block in blocks:
+            if (key != self._rows_key or block not in self._rows) and (key, block) not in self._reads:
+                self._reads[(key, block)] = self._reader.submit(self._read_rows, batch, block)
+                self.rows_prefetched += 1
+
+    def _read_rows(self, batch: Batch, block: Block) -> tuple:
+        """A block's rows in host memory: (values, indices, hidden states or None; see `_block_rows`)."""
+        positions = batch.positions(self.targets.seq_len)
+        sequences = batch.sequences[block[0] : block[1]]
+        values, indices = self.targets.get(sequences, positions)
+        hidden = None
+        if self.hidden is not None and max(sequences) < self.hidden.num_sequences:
+            hidden = self.hidden.get(sequences, positions)
+        return values, indices, hidden
+
     def _block_rows(
         self, batch: Batch, block: Block
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A block's teacher rows (values, indices), each (stop - start, P, K), and its stored hidden states
         (stop - start, P, L, D) or None (no kl+hidden fitness, or rows it does not hold: validation windows);
-        read once, kept until another batch."""
+        read once (ahead of time when prefetched), kept until another batch."""
         positions = batch.positions(self.targets.seq_len)
         key = (batch.sequences, positions)
         if self._rows_key != key:
             self._rows, self._rows_key = {}, key  # free the previous batch's rows before reading the next
+            for old in [k for k in self._reads if k[0] != key]:
+                self._reads.pop(old).cancel()  # another batch's reads ahead: not needed any more
         if block not in self._rows:
-            values, indices = self.targets.get(batch.sequences[block[0] : block[1]], positions)
+            pending = self._reads.pop((key, block), None)
+            if pending is None and self._reader is not None:
+                pending = self._reader.submit(self._read_rows, batch, block)
+            values, indices, hidden = (
+                pending.result() if pending is not None else self._read_rows(batch, block)
+            )
             # beside the logits they meet: the head's device (the last GPU of a balanced model)
             head = self.model.get_output_embeddings()
             device = head.weight.device if head is not None else model_device(self.model)
-            sequences = batch.sequences[block[0] : block[1]]
-            hidden = None
-            if self.hidden is not None and max(sequences) < self.hidden.num_sequences:
-                hidden = self.hidden.get(sequences, positions)
             self._rows[block] = (*place_targets(values, indices, device), hidden)
         return self._rows[block]
 
     def close(self) -> None:
         """Give the model back in its dense form and release the held supernet and teacher rows."""
+        if self._reader is not None:
+            for pending in self._reads.values():
+                pending.cancel()
+            self._reads.clear()
+            self._reader.shutdown(wait=True)
+            self._reader = None
         self.realiser.restore_dense()
         self._applied = [None] * len(self.genes)
         self._levels = [None] * len(self.genes)

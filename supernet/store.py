@@ -18,6 +18,7 @@ hold the whole supernet.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load as safetensors_load
 
 from tyr.errors import TyrError
@@ -102,6 +104,11 @@ class SupernetStore:
         self._cache: OrderedDict[tuple[str, int], Variant] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached_bytes = 0
+        self._device: torch.device | None = (
+            None  # where cached variants are kept while `_device_budget` allows
+        )
+        self._device_budget = 0
+        self._device_bytes = 0  # bytes of cached variants on `_device`
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -280,7 +287,7 @@ class SupernetStore:
             "complete": True,
         }
         for key in [k for k in self._cache if k[0] == name]:  # a rebuilt gene's old variants
-            self._cached_bytes -= _nbytes(self._cache.pop(key))
+            self._forget(self._cache.pop(key))
         record = {"fingerprint_hash": self.fingerprint_hash, "gene": name, "entry": entry}
         atomic_write_text(self.directory / RECORDS / f"{name}.json", _compact_json(record))
         self._genes[name] = entry
@@ -330,9 +337,7 @@ class SupernetStore:
             self._cache.move_to_end(key)
             return self._cache[key]
         entry = self.level_entry(gene, level)
-        variant = self._read_variant(gene, entry)
-        self._remember(key, variant)
-        return variant
+        return self._remember(key, self._read_variant(gene, entry))
 
     def verify(self, keep: bool = False) -> int:
         """Check every variant file not yet verified by this store against its recorded sha256 (reads them);
@@ -389,6 +394,40 @@ class SupernetStore:
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cached_bytes = 0
+        self._device_bytes = 0
+
+    def set_device_cache(self, device: torch.device | None, device_bytes: int) -> None:
+        """Keep up to `device_bytes` of cached variants on `device` (a GPU: a swap is then a copy on the device,
+        not a host-to-device transfer); variants already cached move there now, most recently used first, later
+        ones as they are read. The values do not change. `device` None (or 0 bytes): every variant in host RAM."""
+        self._device, self._device_budget = device, int(device_bytes) if device is not None else 0
+        for key in reversed(list(self._cache)):
+            self._cache[key] = self._placed(self._cache[key])
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of cached variants held on the device of `set_device_cache`."""
+        return self._device_bytes
+
+    def _placed(self, variant: Variant) -> Variant:
+        """`variant`, moved to the cache's device when it is not there yet and the device budget has room."""
+        if self._device is None or variant.weight.device == self._device:
+            return variant
+        size = _nbytes(variant)
+        if self._device_bytes + size > self._device_budget:
+            return variant
+        self._device_bytes += size
+        return dataclasses.replace(  # `kept` stays in host RAM: a few integers, read as Python values
+            variant,
+            weight=variant.weight.to(self._device),
+            bias=None if variant.bias is None else variant.bias.to(self._device),
+        )
+
+    def _forget(self, variant: Variant) -> None:
+        """Bookkeeping for a variant leaving the cache."""
+        self._cached_bytes -= _nbytes(variant)
+        if self._device is not None and variant.weight.device == self._device:
+            self._device_bytes -= _nbytes(variant)
 
     def _read_variant(self, gene: Gene, entry: LevelEntry, must_hash: bool = False) -> Variant:
         path = self._variant_file(gene, entry)
@@ -446,15 +485,17 @@ class SupernetStore:
             )
         return path
 
-    def _remember(self, key: tuple[str, int], variant: Variant) -> None:
+    def _remember(self, key: tuple[str, int], variant: Variant) -> Variant:
+        variant = self._placed(variant)
         self._cache[key] = variant
         self._cached_bytes += _nbytes(variant)
         self._evict()
+        return variant
 
     def _evict(self) -> None:
         while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= _nbytes(old)
+            self._forget(old)
 
 
 def write_variant_file(
@@ -511,6 +552,25 @@ def resolve_cache_bytes(
         return DEFAULT_CACHE_BYTES
     budget = int(share * available)
     return supernet_bytes if supernet_bytes <= budget else budget
+
+
+def resolve_device_cache_bytes(
+    requested: int | None,
+    supernet_bytes: int,
+    device: torch.device | None,
+    share: float = 0.4,
+    free: int | None = None,
+) -> int:
+    """Device bytes for cached variants (`SupernetStore.set_device_cache`; None = auto): on a GPU the whole
+    supernet when it fits in `share` of the device's free memory, else none (the host cache serves); always 0
+    on a CPU or a model spread over several devices (`device` None)."""
+    if device is None or device.type == "cpu":
+        return 0
+    if requested is not None:
+        return int(requested)
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return supernet_bytes if supernet_bytes <= share * free else 0
 
 
 def _file_size(path: Path) -> int:

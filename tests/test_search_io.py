@@ -25,7 +25,13 @@ from tyr.supernet.families import adapter_for
 from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
 from tyr.supernet.pruner import PrunerOptions
 from tyr.supernet.realise import Realiser
-from tyr.supernet.store import MANIFEST, RECORDS, SupernetStore, resolve_cache_bytes
+from tyr.supernet.store import (
+    MANIFEST,
+    RECORDS,
+    SupernetStore,
+    resolve_cache_bytes,
+    resolve_device_cache_bytes,
+)
 from tyr.supernet.variant import genes_of
 
 SEQ_LEN = 16
@@ -131,6 +137,20 @@ def test_teacher_rows_are_read_once_per_batch(built):
     evaluator.close()
 
 
+def test_rows_read_ahead_give_the_same_values_and_reads(built):
+    """Teacher rows read ahead on the reader thread (the default) give the bits and the byte counts of rows
+    read on demand in the calling thread (prefetch_rows=False)."""
+    ahead, on_demand = _evaluator(built), _evaluator(built, prefetch_rows=False)
+    genomes = _genomes(ahead.store, 4)
+    for batch in (Batch((0, 2, 3, 5, 1)), Batch((1, 4), 7), Batch((0, 2, 3, 5, 1))):
+        assert ahead(genomes, batch) == on_demand(genomes, batch)
+        assert ahead.io_counters == on_demand.io_counters
+    assert ahead.rows_prefetched == 5 and on_demand.rows_prefetched == 0  # blocks: 2 + 1 + 2 (read again)
+    ahead.close()
+    on_demand.close()
+    assert ahead._reader is None  # the reader thread is gone with the evaluator
+
+
 def test_only_the_genes_that_change_are_loaded_and_swapped(built):
     directory, _, _, _ = built
     store = SupernetStore.open(directory)
@@ -167,6 +187,43 @@ def test_files_are_hashed_once_and_the_supernet_stays_resident(built, tmp_path):
     assert history[0]["io"]["variant_bytes_read"] == evaluator.store.total_bytes()
     assert all(h["num_tokens"] == 4 * 8 + 3 * 32 for h in history)  # stage 1: 8-token prefixes
     evaluator.close()
+
+
+def test_device_cache_keeps_variants_on_the_device_within_its_budget(built):
+    """`set_device_cache` bookkeeping (the GPU path: no GPU here, so the meta device stands in for it): variants
+    move to the device while the budget has room, the rest stay in host RAM, eviction gives the bytes back."""
+    directory, _, _, _ = built
+    store = SupernetStore.open(directory)
+    gene = store.genes()[0]
+    levels = sorted(e.level for e in store.level_entries(gene))[-3:]  # the sparsest: decreasing sizes
+    sizes = [store.variant(gene, lv).weight.numel() * 4 for lv in levels]  # float32
+    store.clear_cache()
+    first = store.variant(gene, levels[0])  # cached in host RAM before the device cache exists
+    meta = torch.device("meta")
+    store.set_device_cache(meta, sizes[0] + sizes[1])
+    assert store.variant(gene, levels[0]).weight.device == meta and store.device_bytes == sizes[0]
+    assert first.weight.device.type == "cpu"  # a variant handed out before keeps its tensors
+    assert store.variant(gene, levels[1]).weight.device == meta
+    assert store.device_bytes == sizes[0] + sizes[1]
+    third = store.variant(gene, levels[2])
+    assert third.weight.device.type == "cpu" and store.device_bytes == sizes[0] + sizes[1]  # over budget
+    assert third.kept.device.type == "cpu"
+    store.set_cache_bytes(sizes[2])  # the LRU keeps the newest only: the device copies leave
+    assert store.device_bytes == 0
+    evaluator = _evaluator(built)  # a CPU model: nothing goes to a device cache
+    evaluator(_genomes(evaluator.store, 2), Batch((0, 1)))
+    assert evaluator.store.device_bytes == 0
+    evaluator.close()
+
+
+def test_resolve_device_cache_bytes():
+    gpu = torch.device("cuda")
+    assert resolve_device_cache_bytes(None, 10, torch.device("cpu")) == 0
+    assert resolve_device_cache_bytes(123, 10, torch.device("cpu")) == 0  # host RAM is the cache on a CPU
+    assert resolve_device_cache_bytes(None, 10, None) == 0  # a model spread over several devices
+    assert resolve_device_cache_bytes(None, 40, gpu, free=100) == 40  # the whole supernet fits in 40%
+    assert resolve_device_cache_bytes(None, 41, gpu, free=100) == 0
+    assert resolve_device_cache_bytes(7, 41, gpu, free=100) == 7
 
 
 def test_resolve_cache_bytes():

@@ -437,7 +437,9 @@ class _Worker:
         work = [(tuple(int(v) for v in genome), (int(start), int(stop))) for genome, start, stop in units]
         sums: list = [None] * len(work)
         # with a prefix cache, the chunk's reference genome first, the others replaying its blocks
-        for n, i in enumerate(self.evaluator.order_units(work, fitness_batch)):
+        order = self.evaluator.order_units(work, fitness_batch)
+        self.evaluator.prefetch_rows(fitness_batch, list(dict.fromkeys(work[i][1] for i in order)))
+        for n, i in enumerate(order):
             genome, block = work[i]
             if n == min(1, len(work) - 1):
                 self.evaluator.apply(genome)

@@ -139,6 +139,10 @@ class SearchConfig:
     # only I/O). None = auto: the whole iteration's supernet when it fits in half the available host memory
     # (shared by the Ray workers of a machine), else an LRU of that size.
     variant_cache_bytes: int | None = None
+    # Bytes of those variants kept on the model's GPU, so a gene swap is a copy on the device rather than a
+    # host-to-device transfer (per process; not run identity). None = auto: the whole supernet when it fits in
+    # 40% of the GPU's free memory at the search's start, else none. Nothing on CPUs or spread-out models.
+    variant_device_bytes: int | None = None
     # Bytes of decoder-block outputs of a reference genome (the parent, in paired selection) kept per fitness
     # call, so a candidate runs from its first changed block (tyr.search.prefix). On the model's device; not
     # run identity: fitness values are bit-identical with and without it. 0 = off. On Ray, per worker: the
@@ -270,6 +274,8 @@ class RunConfig:
             _at_least(f"search.{name}", getattr(se, name), 1)
         _at_least("search.max_level_distance", se.max_level_distance, 1)
         _at_least("search.variant_cache_bytes", se.variant_cache_bytes, 0)
+        if se.variant_device_bytes is not None:
+            _at_least("search.variant_device_bytes", se.variant_device_bytes, 0)
         _at_least("search.prefix_cache_bytes", se.prefix_cache_bytes, 0)
         if not (0.0 <= se.owl_lambda < 1.0) or se.owl_threshold <= 0:
             raise TyrError(
@@ -690,6 +696,7 @@ IDENTITY_EXCLUDED = (
     "supernet.offload",
     "supernet.offload_dir",
     "search.variant_cache_bytes",
+    "search.variant_device_bytes",
     "search.prefix_cache_bytes",
 )
 

@@ -499,6 +499,17 @@ def search_generation_phase(ctx: _Context) -> Phase:
     )
     tokens = sum(c * seq * pos for c, seq, pos in stages)
     p.notes.append(f"{sum(c for c, _, _ in stages)} candidate evaluations, {tokens:,} tokens per generation")
+    if (
+        ctx.hw.memory_gb and ctx.placement == "single"
+    ):  # search.variant_device_bytes (auto: 40% of free memory)
+        free = ctx.hw.memory_gb * 1e9 - ctx.device_weights  # free when the search starts: the weights loaded
+        wanted = cfg.search.variant_device_bytes
+        on_device = (resident if resident <= 0.4 * free else 0) if wanted is None else min(resident, wanted)
+        p.device_bytes += on_device
+        p.notes.append(
+            f"variants on the GPU (search.variant_device_bytes): {on_device / GIB:.1f} of the supernet's "
+            f"{resident / GIB:.1f} GiB" + ("" if on_device else "; swaps copy from host RAM")
+        )
     return p
 
 

@@ -230,6 +230,7 @@ def search_evaluator(
         "mode": se.realisation,
         "batch_size": se.batch_size,
         "variant_cache_bytes": se.variant_cache_bytes,
+        "variant_device_bytes": se.variant_device_bytes,
         "prefix_cache_bytes": se.prefix_cache_bytes,
         "hidden": hidden,
         "hidden_weight": se.hidden_weight,
