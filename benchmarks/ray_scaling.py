@@ -99,12 +99,19 @@ ASSUMPTIONS = {
     "shards' Hessians (fp32: 822 MB per MLP gene, 67 MB per attention gene) are added by a pairwise tree, "
     "ceil(log2 N) rounds of one transfer at 10 GB/s and one sum at 5 GB/s, and the sum goes from one node to "
     "the G - 1 other pruning workers at 10 GB/s (no multi-source pulls assumed); every worker reads each gene's "
-    "variants (20 GiB per build, 2 GB/s, in parallel); final metrics (5 min) on one worker, not split",
-    "scenarios": "current: the costs above (what the code does today); resident (a projection of a later "
-    "step, not implemented): variants resident on the GPU (8B supernet ~20 GiB) so a swap is a device copy, "
-    "0.2 ms per gene, and teacher rows prefetched into pinned buffers by a background thread, 5 ms per "
-    "sequence left on the critical path; work_only: forwards only, every overhead zero (the limit set by "
-    "how the stages' units divide over N workers)",
+    "variants (20 GiB per build, 2 GB/s, in parallel)",
+    "final_metrics": "5 min serially = 6 forwards over the held-out set (dense top-K targets, dense ppl, uniform "
+    "ppl + KL, searched ppl + KL); on the workers its 3 parts run in parallel: dense ppl (1 forward) and the "
+    "uniform and searched parts (3 forwards each: they compute the dense targets themselves), so 3/6 of the "
+    "time on N >= 3 workers, 4/6 on 2",
+    "scenarios": "resident (the headline: this release when the supernet fits in 40% of the GPU's free "
+    "memory, as `tyr plan` finds for 8B on an 80 GB H100): variants kept on the GPU (search.variant_device_bytes) "
+    "so a swap is a device copy, 0.2 ms per gene, and teacher rows read ahead by the evaluator's reader "
+    "thread, 5 ms per sequence left on the critical path; host_variants (this release, a supernet too large "
+    "for the device): swaps from host RAM (5 ms per gene), rows read ahead (5 ms); previous (the release "
+    "before: swaps from host RAM, rows read on demand, 50 ms per sequence, not overlapped); work_only: "
+    "forwards only, every overhead zero (the limit set by how the stages' units divide over N workers). "
+    "The GPU paths of this release were not run (no GPU): their costs are estimates like the others",
 }
 
 
@@ -133,12 +140,13 @@ class Costs:
 
 
 def scenarios() -> dict[str, Costs]:
-    """The per-unit costs of today's code, with resident variants and prefetched rows (a later step), and of
-    the forwards alone."""
+    """The per-unit costs of this release with the supernet on the GPU (the headline) or in host RAM, of the
+    release before (rows not read ahead), and of the forwards alone (see ASSUMPTIONS)."""
     zero = {"forward_s": 0.0, "rows_s": 0.0, "swap_s": 0.0, "call_s": 0.0, "latency_s": 0.0, "driver_s": 0.0}
     return {
-        "current": Costs(),
         "resident": Costs(swap_s=0.0002, rows_s=0.005),
+        "host_variants": Costs(rows_s=0.005),
+        "previous": Costs(),
         "work_only": Costs(**zero),  # the stage structure's own limit: forwards only, no overhead at all
     }
 
@@ -341,7 +349,8 @@ def end_to_end(serial_generation_s: float, generation_s: dict[int, float]) -> di
             return e["teacher"] + e["num_builds"] * e["build"] + search + e["final"]
         teacher = e["teacher"] / n + TEACHER_FIXED_MIN
         builds = e["num_builds"] * (build_minutes(n) if parallel_builds else e["build"])
-        return teacher + builds + search + e["final"]
+        final = e["final"] * ((3 if n >= 3 else 4) / 6 if parallel_builds else 1)  # its parts on the workers
+        return teacher + builds + search + final
 
     one = minutes(1, False)
     rows = {}
@@ -459,23 +468,23 @@ def main() -> None:
     batch_sizes = sorted({args.batch_size, 4})
     tables = {name: scaling_table(calls, c, batch_sizes, WORKER_COUNTS) for name, c in scenarios().items()}
     headline = f"units, batch_size {args.batch_size}"
-    e2e = {name: end_to_end_of(tables[name][headline]) for name in ("current", "resident")}
+    e2e = {name: end_to_end_of(tables[name][headline]) for name in ("resident", "host_variants", "previous")}
     validation = None
     if not args.no_validate:
         v_calls = paper_generations(args.validate_generations, seed=1)
         validation = validate(v_calls, args.batch_size, args.time_scale)
 
     print_report(tables, e2e, validation)
-    head, head_e2e = tables["current"][headline]["workers"], e2e["current"]["workers"]
+    head, head_e2e = tables["resident"][headline]["workers"], e2e["resident"]["workers"]
     payload = {
         "workers": list(WORKER_COUNTS),
         "search_efficiency": [head[n]["efficiency"] for n in WORKER_COUNTS],
         "end_to_end_speedup": [head_e2e[n]["speedup"] for n in WORKER_COUNTS],
         "end_to_end_speedup_serial_builds": [head_e2e[n]["speedup_serial_builds"] for n in WORKER_COUNTS],
-        "headline": f"simulation, current costs, {headline} sequence(s) per unit; end_to_end_speedup: teacher "
-        "pass and supernet builds data-parallel on the workers (this release, modelled as "
-        "assumptions.data_parallel_build says); end_to_end_speedup_serial_builds: the builds on the driver (the "
-        "previous release)",
+        "headline": f"simulation, resident costs (this release, the supernet on the GPU; see "
+        f"assumptions.scenarios), {headline} sequence(s) per unit; end_to_end_speedup: teacher pass and supernet "
+        "builds data-parallel on the workers (this release, modelled as assumptions.data_parallel_build says); "
+        "end_to_end_speedup_serial_builds: the builds on the driver (the previous release's structure)",
         "search_efficiency_by_policy": {
             f"{scenario}: {name}": [t["workers"][n]["efficiency"] for n in WORKER_COUNTS]
             for scenario, table in tables.items()

@@ -344,21 +344,21 @@ class _Worker:
         write_teacher_rows(session.model, tokens, session.cfg.search.topk, layout, start, stop)
         return stop - start
 
-    def final_metrics(self, first: list, last: list, genome: list, eval_tokens: Any) -> dict:
-        """The run's final metrics (`tyr.run.measure`: dense, uniform from `first`, `genome` from `last`; each
-        (supernet_dir, fingerprint_hash)) on the held-out `eval_tokens`, on this worker's model."""
+    def final_metrics(self, part: str, first: list, last: list, genome: list, eval_tokens: Any) -> dict:
+        """One part of the run's final metrics (`tyr.run.measure_part`: dense, uniform from `first`, `genome`
+        from `last`; each (supernet_dir, fingerprint_hash)) on the held-out `eval_tokens`, on this worker."""
         import dataclasses
 
         import torch
 
-        from tyr.run import measure
+        from tyr.run import measure_part
 
         self._dense_model()
         self._maybe_fault()
         self._maybe_hang()
         stores = [self._open_store(*supernet) for supernet in (first, last)]
         session = dataclasses.replace(self.session, eval_tokens=torch.as_tensor(eval_tokens))
-        return measure(session, *stores, tuple(int(v) for v in genome))
+        return measure_part(session, part, *stores, tuple(int(v) for v in genome))
 
     def _kept_tokens(self, what: str):
         """The run's kept `what` windows (RUN/data/), which the driver wrote before asking for them."""
@@ -840,6 +840,10 @@ class ActorPool:
 
         return self._run_tasks(method, calls, holder, keep)
 
+    def put(self, value: Any) -> Any:
+        """`value` in the cluster's object store once, for every task that takes it (pass the reference)."""
+        return _ray().put(value)
+
     def _run_tasks(
         self,
         method: str,
@@ -1171,15 +1175,15 @@ class RayEvaluatorFactory:
 
         return fill
 
-    def final_metrics(self, first: Any, last: Any, genome: Sequence[int], eval_tokens: Any) -> dict:
-        """`tyr.run.measure` on one worker: the supernets `first` and `last` (stores the driver verified)."""
-        call = (
-            [str(Path(first.directory).resolve()), first.fingerprint_hash],
-            [str(Path(last.directory).resolve()), last.fingerprint_hash],
-            [int(v) for v in genome],
-            eval_tokens.numpy(),
-        )
-        return self.workers().map("final_metrics", [call])[0]
+    def final_metrics(
+        self, first: Any, last: Any, genome: Sequence[int], eval_tokens: Any, parts: Sequence[str]
+    ) -> list[dict]:
+        """`tyr.run.measure_part` for each of `parts` on the workers, in parallel: the supernets `first` and
+        `last` are stores the driver verified."""
+        supernets = [[str(Path(s.directory).resolve()), s.fingerprint_hash] for s in (first, last)]
+        tokens = self.workers().put(eval_tokens.numpy())  # once, for every part
+        calls = [(part, *supernets, [int(v) for v in genome], tokens) for part in parts]
+        return self.workers().map("final_metrics", calls)
 
     def build_supernet(
         self, adapter: Any, num_sequences: int, plan: Any, store: Any, progress: bool = True

@@ -585,8 +585,9 @@ def finalise(
     run_dir.write_selection(selection)  # first: export and eval find the final genome through it
     architecture = pipeline.architecture(session, last, selection.genome, session.cfg.sparsity)
     atomic_write_json(run_dir.architecture_path, architecture)
-    if workers is not None:
-        metrics = workers.final_metrics(first, last, selection.genome, session.eval_tokens)
+    if workers is not None:  # its parts in parallel, one worker each
+        parts = workers.final_metrics(first, last, selection.genome, session.eval_tokens, MEASURED)
+        metrics = metrics_header(session.cfg, session.eval_tokens) | dict(zip(MEASURED, parts, strict=True))
     else:
         metrics = measure(session, first, last, selection.genome)
     metrics["evaluations"] = run_dir.evaluations(run_dir.finished_iterations())
@@ -651,6 +652,9 @@ def evaluation_record(session: pipeline.Session) -> dict:
     }
 
 
+MEASURED = ("dense", "uniform", "searched")  # the final metrics' parts; each can run in its own process
+
+
 def measure(
     session: pipeline.Session, first: SupernetStore, last: SupernetStore, genome: tuple[int, ...]
 ) -> dict:
@@ -659,35 +663,59 @@ def measure(
     logger.info(
         f"evaluating dense / uniform / searched on {tuple(eval_tokens.shape)} held-out tokens ({cfg.data.eval})"
     )
-    bs = cfg.search.batch_size
-    values, indices = compute_teacher_targets(session.model, eval_tokens, cfg.search.topk, batch_size=bs)
-    metrics = {
+    targets = dense_targets(session)
+    return metrics_header(cfg, eval_tokens) | {
+        part: measure_part(session, part, first, last, genome, targets) for part in MEASURED
+    }
+
+
+def metrics_header(cfg: RunConfig, eval_tokens: torch.Tensor) -> dict:
+    return {
         "method": cfg.search.method,
         "criterion": cfg.supernet.criterion,
         "eval_data": cfg.data.eval,
         "eval_tokens": int(eval_tokens.numel()),
         "topk": cfg.search.topk,
-        "dense": {"ppl": perplexity(session.model, eval_tokens, batch_size=bs), "kl": 0.0},
     }
+
+
+def dense_targets(session: pipeline.Session) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's top-K (values, indices) on the held-out tokens: what the final KLs are measured to."""
+    cfg = session.cfg
+    return compute_teacher_targets(
+        session.model, session.eval_tokens, cfg.search.topk, batch_size=cfg.search.batch_size
+    )
+
+
+def measure_part(
+    session: pipeline.Session,
+    part: str,
+    first: SupernetStore,
+    last: SupernetStore,
+    genome: tuple[int, ...],
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict:
+    """One part of the final metrics (`MEASURED`): the dense model's perplexity, or the uniform structure's
+    (iteration 1's centre, from `first`) or the searched `genome`'s (from `last`) perplexity, KL to the dense
+    model (`targets`; computed here when None) and prunable parameters. The same numbers in any process."""
+    cfg, eval_tokens = session.cfg, session.eval_tokens
+    bs = cfg.search.batch_size
+    if part == "dense":
+        return {"ppl": perplexity(session.model, eval_tokens, batch_size=bs), "kl": 0.0}
+    values, indices = targets if targets is not None else dense_targets(session)
     genes = genes_of(session.adapter.num_layers)
-    uniform = tuple(0 for _ in genes)
-    for name, store, chosen in (("uniform", first, uniform), ("searched", last, genome)):
-        evaluator = SerialEvaluator(
-            session.model,
-            session.adapter,
-            store,
-            None,
-            eval_tokens,
-            mode=cfg.search.realisation,
-            batch_size=bs,
-        )
+    store, chosen = (first, tuple(0 for _ in genes)) if part == "uniform" else (last, tuple(genome))
+    evaluator = SerialEvaluator(
+        session.model, session.adapter, store, None, eval_tokens, mode=cfg.search.realisation, batch_size=bs
+    )
+    try:
         evaluator.apply(chosen)  # the chosen genome is re-applied before any final number is computed
-        metrics[name] = {
+        return {
             "ppl": perplexity(session.model, eval_tokens, batch_size=bs),
             "kl": sparse_kl(session.model, eval_tokens, values, indices, batch_size=bs),
             "prunable_params": sum(
                 store.level_entry(g, lv).params for g, lv in zip(genes, chosen, strict=True)
             ),
         }
+    finally:
         evaluator.close()
-    return metrics
