@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_builder import _plan  # chunks of 2 sequences
 from tests.tiny import random_tokens, tiny_model
 from tyr.cluster_build import RayShards, ShardHost, level_groups, shard_bounds
-from tyr.supernet.builder import BuildPlan, LocalShards, Offload, build_supernet, drive_build
+from tyr.supernet.builder import LocalShards, Offload, build_supernet, drive_build
 from tyr.supernet.families import adapter_for
-from tyr.supernet.ladder import centre_for_sparsity, make_ladder, step_units
-from tyr.supernet.pruner import PrunerOptions
 from tyr.supernet.store import SupernetStore
-from tyr.supernet.variant import genes_of
 
-NUM_SEQUENCES, BATCH = 6, 2  # three chunks: shards of 1+2 chunks (2 workers) or 1+1+1 (3 workers)
+NUM_SEQUENCES = 6  # three chunks of 2 (tests.test_builder._plan): shards of 1+2 chunks (2 workers) or 1+1+1
 
 
 class InProcessPool:
@@ -49,17 +47,6 @@ class InProcessPool:
 
     def map(self, method: str, tasks: list[tuple], keep: bool = False) -> list:
         return [self._run(self.hosts[i % self.num_workers], method, t, keep) for i, t in enumerate(tasks)]
-
-
-def _plan(adapter) -> BuildPlan:
-    ladders = []
-    for gene in genes_of(adapter.num_layers):
-        n = adapter.num_units(gene.kind)
-        multiple = 1 if gene.kind == "attn" else 4
-        ladders.append(
-            make_ladder(gene, n, centre_for_sparsity(n, 0.5, multiple), step_units(n, 0.125, 1, multiple), 5)
-        )
-    return BuildPlan(ladders, "expectation", PrunerOptions(), PrunerOptions(num_rounds=4), batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")
