@@ -122,7 +122,13 @@ def keep_tokens(run: RunDir, name: str, tokens: torch.Tensor) -> None:
 def driver_placement(cfg: RunConfig) -> tuple[torch.device, torch.dtype] | None:
     """`tyr run`'s driver on Ray with `backend.driver_device: cpu`: the model in host RAM, in the dtype GPU
     workers resolve (model.dtype; auto: bfloat16); None: model.device and model.dtype as usual."""
-    if cfg.backend.kind != "ray" or cfg.backend.driver_device != "cpu":
+    if cfg.backend.driver_device != "cpu":
+        return None
+    if cfg.backend.kind != "ray":
+        logger.warning(
+            "backend.driver_device=cpu has no effect without Ray workers (backend.kind=serial runs everything "
+            "in this process: use model.device=cpu for that)"
+        )
         return None
     if cfg.search.fitness == "kl+hidden":
         logger.warning(
