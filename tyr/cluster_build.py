@@ -255,8 +255,7 @@ class RayShards:
     def __init__(
         self, pool: ActorPool, adapter: Any, store: SupernetStore, num_sequences: int, batch_size: int
     ):
-        self.pool = pool
-        self.group_size = lambda gene: adapter.group_size(gene.kind)
+        self.pool, self.adapter = pool, adapter
         self.bounds = shard_bounds(num_sequences, batch_size, pool.num_workers)
         self.base = {
             "supernet_dir": str(Path(store.directory).resolve()),
@@ -308,7 +307,9 @@ class RayShards:
             for group in groups
         ]
         entries = {entry["level"]: entry for part in self.pool.map("build_prune", calls) for entry in part}
-        store.record_gene(ladder, self.group_size(gene), [entries[level] for level in ladder.levels])
+        store.record_gene(
+            ladder, self.adapter.group_size(gene.kind), [entries[level] for level in ladder.levels]
+        )
 
     def propagate(self, ladder: Ladder, store: SupernetStore) -> None:
         self._steps("build_step", "propagate", ladder.gene)  # the workers read the variants from the store
