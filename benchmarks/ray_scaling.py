@@ -90,8 +90,9 @@ ASSUMPTIONS = {
     "end_to_end": "teacher pass 10 min, supernet build 25 min each (4 builds, fp32 Hessians), final metrics "
     "5 min on one process; 200 generations at the simulated time per generation",
     "data_parallel_teacher": "each worker computes blocks of sequences and writes them into the targets file "
-    "on the shared run directory: teacher / N plus a fixed 2 min (the driver's sha256 of the 192 GiB targets "
-    "file at ~2 GB/s, which the serial pass also pays, and dispatch)",
+    "on the shared run directory: teacher / N plus a fixed 2 min (the driver's digest of the 192 GiB targets "
+    "file, read from shared storage at ~2 GB/s: hashed by all its cores since this release, so the read bounds "
+    "it, not one core's 1.44 GB/s (benchmarks/file_digest.json); the serial pass pays it too; and dispatch)",
     "data_parallel_build": "a serial 25-min build split as forwards (two passes over 4.2M tokens) 5 min, fp32 "
     "Hessians 17 min, fp64 pruning 2 min (30% the shared inverse, 70% the 9 levels' mask selection), variant "
     "writes + sha256 1 min. On N workers: (forwards + Hessians) / N; pruning 0.3 + 0.7 x ceil(9 / G) / 9 of "

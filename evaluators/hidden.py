@@ -13,7 +13,8 @@ Layout of a teacher-hidden directory (next to the top-K targets):
 * ``hidden.safetensors`` -- ``hidden`` bfloat16 (N, T, L, D): the outputs of decoder blocks ``layers`` (L of
   them) for every calibration position; bfloat16 keeps the range of large activations (a relative rounding of
   ~0.4%, far below the errors being measured).
-* ``meta.json`` -- written last: format, layers, shape, per-layer scales, sha256 of the file and of the tokens.
+* ``meta.json`` -- written last: format, layers, shape, per-layer scales, the file's digest
+  (`tyr.io.blocked_sha256_file`) and the tokens' sha256.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 
 from tyr.errors import TyrError
 from tyr.evaluators.kl import base_and_head, check_tokens, hidden_states, iter_batches, model_device
-from tyr.io import StreamingTensorFile, atomic_write_json, sha256_file, sha256_tensor
+from tyr.io import StreamingTensorFile, atomic_write_json, file_digest_matches, sha256_tensor
 
 FORMAT = "tyr-teacher-hidden"
 FORMAT_VERSION = 1
@@ -178,7 +179,7 @@ class TeacherHidden:
             raise TyrError(f"{file_path} is truncated or corrupt ({exc}); {hint}") from exc
         if got_shape != shape or got_dtype != "BF16":
             raise TyrError(f"{file_path} holds {got_dtype}{got_shape}, meta.json says BF16{shape}; {hint}")
-        if verify and sha256_file(file_path) != meta.get("hidden_sha256"):
+        if verify and not file_digest_matches(file_path, str(meta.get("hidden_sha256"))):
             raise TyrError(f"{file_path} does not match the sha256 recorded in {meta_path}; {hint}")
         return cls(directory, meta, handle)
 

@@ -5,7 +5,8 @@ Layout of a targets directory:
 * ``targets.safetensors`` -- ``values`` float16 (N, T, K): raw teacher logits of the top-K token ids,
   descending; ``indices`` int32 (N, T, K): those token ids.
 * ``meta.json`` -- written last (its presence marks a complete directory): format version, k, shape,
-  dtypes, sha256 of the targets file, plus whatever the caller adds (e.g. ``tokens_sha256``).
+  dtypes, the targets file's digest (`tyr.io.blocked_sha256_file`; a plain sha256 in runs of earlier
+  releases), plus whatever the caller adds (e.g. ``tokens_sha256``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from tyr.io import (
     StreamingTensorFile,
     atomic_write_json,
     atomic_write_tensors,
-    sha256_file,
+    blocked_sha256_file,
+    file_digest_matches,
     sha256_tensor,
     write_rows_into,
 )
@@ -135,12 +137,13 @@ def save_teacher_targets(
     n, t, k = values.shape
     # A stale meta.json must never describe a new, half-written targets file.
     (directory / META_FILE).unlink(missing_ok=True)
-    file_sha = atomic_write_tensors(
+    atomic_write_tensors(
         directory / TARGETS_FILE,
         {"values": values.to(VALUES_DTYPE), "indices": indices.to(INDICES_DTYPE)},
         metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
     )
-    _write_meta(directory, dict(meta or {}), n, t, k, file_sha)
+    # the streamed writer's digest, so both ways of writing give the same meta.json
+    _write_meta(directory, dict(meta or {}), n, t, k, blocked_sha256_file(directory / TARGETS_FILE))
 
 
 def _write_meta(directory: Path, meta: dict[str, Any], n: int, t: int, k: int, file_sha: str) -> None:
@@ -289,7 +292,11 @@ class TeacherTargets:
                 raise TyrError(
                     f"{file_path}: tensor '{name}' is {got}{list(shape)}, meta.json says {dtype}{[n, t, k]}; {hint}"
                 )
-        if verify and meta.get("targets_sha256") and sha256_file(file_path) != meta["targets_sha256"]:
+        if (
+            verify
+            and meta.get("targets_sha256")
+            and not file_digest_matches(file_path, meta["targets_sha256"])
+        ):
             raise TyrError(
                 f"{file_path} does not match the sha256 recorded in {meta_path} (the file changed after it was "
                 f"written); delete {directory} and re-run the same command to recompute the targets"

@@ -316,8 +316,8 @@ def ensure_teacher_targets(
 ) -> TeacherTargets:
     """Dense top-K logits of the calibration set (or of `tokens`: the validation windows), computed once per run.
 
-    Resuming, the stored sha256 is checked once per command (it reads the whole file: ~5 min for the 206 GB of
-    the paper setting). Damaged targets (changed bytes, unreadable metadata) are recomputed, with a warning:
+    Resuming, the stored digest is checked once per command (it reads the whole file, 206 GB at the paper
+    setting, hashed by every core: `tyr.io.blocked_sha256_file`). Damaged targets (changed bytes, unreadable metadata) are recomputed, with a warning:
     they are derived data, and the same model and tokens give the same targets.
 
     With Ray `workers` each worker computes blocks of `search.batch_size` sequences of the run's kept `what`
