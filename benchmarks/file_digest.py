@@ -4,7 +4,7 @@ digest Tyr writes now (`tyr.io.blocked_sha256_file`: 256 MiB blocks hashed by al
 Writes a `--gib` GiB file of random bytes into a temporary folder, reads it once so it sits in the page cache
 (the timings are then hashing speed, the part the cores change; on a cold file the disk's read speed bounds
 both), and times `sha256_file` and `blocked_sha256_file` with 1 thread and with every core, `--repeats` times
-each (the best is kept).
+each (the median is kept).
 
     python -m benchmarks.file_digest [--gib 2] [--repeats 3]
 
@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import markdown_table, write_results  # noqa: E402
+from benchmarks.common import markdown_table, timed, write_results  # noqa: E402
 from tyr.io import BLOCK_DIGEST_BYTES, blocked_sha256_file, sha256_file  # noqa: E402
-
-
-def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -43,7 +33,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--gib", type=float, default=2.0, help="file size in GiB (2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per method; the best is kept (3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per method; the median is kept (3)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     size = int(args.gib * 2**30)
@@ -60,7 +50,7 @@ def main() -> None:
             ("blocked, 1 thread", lambda: blocked_sha256_file(path, threads=1)),
             (f"blocked, {cores} threads (Tyr's default)", lambda: blocked_sha256_file(path)),
         ):
-            seconds = best_seconds(fn, args.repeats)
+            seconds, _ = timed(fn, args.repeats)
             rows.append({"method": name, "seconds": seconds, "gb_per_s": size / seconds / 1e9})
     base = rows[0]["seconds"]
     print(

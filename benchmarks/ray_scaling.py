@@ -92,7 +92,7 @@ ASSUMPTIONS = {
     "data_parallel_teacher": "each worker computes blocks of sequences and writes them into the targets file "
     "on the shared run directory: teacher / N plus a fixed 2 min (the driver's digest of the 192 GiB targets "
     "file, read from shared storage at ~2 GB/s: hashed by all its cores since this release, so the read bounds "
-    "it, not one core's 1.44 GB/s (benchmarks/file_digest.json); the serial pass pays it too; and dispatch)",
+    "it, not one core's 1.43 GB/s (benchmarks/file_digest.json); the serial pass pays it too; and dispatch)",
     "data_parallel_build": "a serial 25-min build split as forwards (two passes over 4.2M tokens) 5 min, fp32 "
     "Hessians 17 min, fp64 pruning 2 min (30% the shared inverse, 70% the 9 levels' mask selection), variant "
     "writes + sha256 1 min. On N workers: (forwards + Hessians) / N; pruning 0.3 + 0.7 x ceil(9 / G) / 9 of "
