@@ -337,8 +337,6 @@ class _Worker:
         from tyr.evaluators.teacher import write_teacher_rows
 
         self._dense_model()
-        self._maybe_fault()
-        self._maybe_hang()
         session = self.session
         tokens = session.calibration if what == "calibration" else self._kept_tokens(what)
         write_teacher_rows(session.model, tokens, session.cfg.search.topk, layout, start, stop)
@@ -354,8 +352,6 @@ class _Worker:
         from tyr.run import measure_part
 
         self._dense_model()
-        self._maybe_fault()
-        self._maybe_hang()
         stores = [self._open_store(*supernet) for supernet in (first, last)]
         session = dataclasses.replace(self.session, eval_tokens=torch.as_tensor(eval_tokens))
         return measure_part(session, part, *stores, tuple(int(v) for v in genome))
@@ -377,6 +373,8 @@ class _Worker:
         """The model loaded and dense (a search's candidate is undone first): the teacher, a build and the
         final metrics start from the dense weights."""
         self.setup(None, None)
+        self._maybe_fault()  # test hooks: the task's worker dies or hangs here
+        self._maybe_hang()
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator, self.supernet = None, None
@@ -410,8 +408,6 @@ class _Worker:
         from tyr.cluster_build import ShardHost
 
         self._dense_model()
-        self._maybe_fault()
-        self._maybe_hang()
         if self.shards is None:
             self.shards = ShardHost.for_session(self.session)
 
